@@ -1,0 +1,1 @@
+"""o3lite: train o1/o3-style reasoning models in JAX."""

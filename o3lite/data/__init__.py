@@ -1,0 +1,1 @@
+"""Reasoning-task data: procedural tasks, TFDS builders, JSONL, batching."""

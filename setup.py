@@ -1,0 +1,40 @@
+"""o3lite: train o1/o3-style reasoning models in JAX, at your own scale."""
+
+import setuptools
+
+setuptools.setup(
+    name="o3lite",
+    version="0.1.0",
+    description=(
+        "JAX/Flax research codebase for reasoning models: SFT on chains of thought, "
+        "RL with verifiable rewards, reward models, search and test-time compute."
+    ),
+    packages=setuptools.find_packages(include=["o3lite", "o3lite.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.45",
+        "tensorflow-datasets>=4.9.9",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "chex>=0.1.88",
+        "tensorboardX>=2.6",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        # torch is only needed by the Hugging Face round-trip tests and benchmarks,
+        # never to train: `pip install torch==2.13.0` (CPU) before `pip install -e .[test]`.
+        "test": [
+            "pytest>=8",
+            "nbformat",
+            "nbclient",
+            "ipykernel",
+            "safetensors",
+        ],
+    },
+)
