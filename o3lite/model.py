@@ -1,0 +1,294 @@
+"""Decoder-only transformer of the Llama / Qwen2 family, in pure-functional Flax.
+
+Parameters are a plain pytree; `Transformer(config).apply({"params": p}, ...)` is a
+pure function. RMSNorm, rotary embeddings (configurable theta), SwiGLU MLP, grouped-query
+attention, optional QKV bias (Qwen2), tied or untied embeddings.
+
+The KV cache is an explicit pytree passed in and returned (never module state):
+
+  cache = {
+    "index": int32 scalar,                 # next slot to write, shared by the batch
+    "segment_ids": int32[B, S],            # 0 = empty slot, else the token's segment id
+    "layers": [{"k": [B, S, K, H], "v": [B, S, K, H]}, ...],
+  }
+
+One attention path serves training (no cache: keys are the T input tokens, with packing
+segments) and cached prefill / decode (keys are the S cache slots). A query at slot q may
+attend to key slot s iff s <= q and both carry the same non-zero segment id. Positions are
+given by the caller, so right-padded prompts of different lengths keep correct positions.
+
+Shape letters: B batch, T query length, S key length, D embed, N query heads,
+K kv heads, G = N / K, H head dim, F mlp hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Cache = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyperparameters (frozen, hashable; separate from the run config)."""
+
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2 has biases on q, k, v projections.
+  tie_embeddings: bool = True  # Output projection reuses the input embedding.
+  dtype: str = "float32"  # Compute dtype: "float32" or "bfloat16". Params stay fp32.
+  remat: bool = False  # Rematerialize each block in the backward pass.
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of "
+          f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def tiny(cls, vocab_size: int = 128, **overrides) -> ModelConfig:
+    """~0.1M-0.2M parameters: trains on a 2-core CPU in minutes."""
+    kwargs = dict(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                  num_kv_heads=2, head_dim=16, mlp_dim=192)
+    return cls(**{**kwargs, **overrides})
+
+  @classmethod
+  def small(cls, vocab_size: int = 512, **overrides) -> ModelConfig:
+    """4 layers, width 256: the benchmark shape."""
+    kwargs = dict(vocab_size=vocab_size, num_layers=4, embed_dim=256, num_heads=4,
+                  num_kv_heads=4, head_dim=64, mlp_dim=1024)
+    return cls(**{**kwargs, **overrides})
+
+  @classmethod
+  def qwen2_5_0_5b(cls, **overrides) -> ModelConfig:
+    """The exact shapes of Qwen2.5-0.5B (494,032,768 parameters)."""
+    kwargs = dict(vocab_size=151_936, num_layers=24, embed_dim=896, num_heads=14,
+                  num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1_000_000.0,
+                  norm_eps=1e-6, qkv_bias=True, tie_embeddings=True)
+    return cls(**{**kwargs, **overrides})
+
+  @classmethod
+  def llama3_2_1b(cls, **overrides) -> ModelConfig:
+    """The exact shapes of Llama-3.2-1B (1,235,814,400 parameters)."""
+    kwargs = dict(vocab_size=128_256, num_layers=16, embed_dim=2048, num_heads=32,
+                  num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
+                  norm_eps=1e-5, qkv_bias=False, tie_embeddings=True)
+    return cls(**{**kwargs, **overrides})
+
+  @classmethod
+  def named(cls, name: str, **overrides) -> ModelConfig:
+    sizes = {"tiny": cls.tiny, "small": cls.small, "qwen2_5_0_5b": cls.qwen2_5_0_5b,
+             "llama3_2_1b": cls.llama3_2_1b}
+    if name not in sizes:
+      raise ValueError(f"unknown model size {name!r}; expected one of {sorted(sizes)}")
+    return sizes[name](**overrides)
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int) -> Cache:
+  """An empty KV cache with `cache_len` slots per sequence."""
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  layer = lambda: {"k": jnp.zeros(shape, config.compute_dtype),
+                   "v": jnp.zeros(shape, config.compute_dtype)}
+  return {
+      "index": jnp.zeros((), jnp.int32),
+      "segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32),
+      "layers": [layer() for _ in range(config.num_layers)],
+  }
+
+
+def _param(module, name, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    scale_D = _param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],), ("norm",))
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D).astype(self.dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, theta: float):
+  """Rotary embedding, half-split convention (as in Llama / Qwen2 in transformers)."""
+  half = x_BxTxNxH.shape[-1] // 2
+  freqs_H2 = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freqs_H2
+  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT,
+               k_segment_BxS, layer_cache):
+    cfg = self.config
+    D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.compute_dtype
+    wq_DxNxH = _param(self, "q_kernel", _kernel_init, (D, N, H), ("embed", "q_heads", "head_dim"))
+    wk_DxKxH = _param(self, "k_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wv_DxKxH = _param(self, "v_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wo_NxHxD = _param(self, "o_kernel", _kernel_init, (N, H, D), ("q_heads", "head_dim", "embed"))
+    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, wq_DxNxH.astype(dt))
+    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, wk_DxKxH.astype(dt))
+    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, wv_DxKxH.astype(dt))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxTxNxH += _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim")).astype(dt)
+      k_BxTxKxH += _param(self, "k_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
+      v_BxTxKxH += _param(self, "v_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+
+    if layer_cache is None:  # Keys are the input tokens themselves.
+      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+    else:  # Write the new keys at the cache index, then attend over all slots.
+      index = q_slot_BxT[0, 0]
+      k_BxSxKxH = jax.lax.dynamic_update_slice(
+          layer_cache["k"], k_BxTxKxH.astype(layer_cache["k"].dtype), (0, index, 0, 0))
+      v_BxSxKxH = jax.lax.dynamic_update_slice(
+          layer_cache["v"], v_BxTxKxH.astype(layer_cache["v"].dtype), (0, index, 0, 0))
+      new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+
+    B, T, S = x_BxTxD.shape[0], x_BxTxD.shape[1], k_BxSxKxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH,
+                                  k_BxSxKxH.astype(dt)).astype(jnp.float32)
+    logits_BxKxGxTxS *= H ** -0.5
+    k_slot_S = jnp.arange(S)
+    mask_BxTxS = ((k_slot_S[None, None, :] <= q_slot_BxT[:, :, None])
+                  & (k_segment_BxS[:, None, :] == q_segment_BxT[:, :, None])
+                  & (k_segment_BxS[:, None, :] != 0))
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH.astype(dt))
+    out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
+    out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dt))
+    return out_BxTxD, new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    D, F = cfg.embed_dim, cfg.mlp_dim
+    gate_DxF = _param(self, "gate_kernel", _kernel_init, (D, F), ("embed", "mlp"))
+    up_DxF = _param(self, "up_kernel", _kernel_init, (D, F), ("embed", "mlp"))
+    down_FxD = _param(self, "down_kernel", _kernel_init, (F, D), ("mlp", "embed"))
+    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dt))
+    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dt))
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF,
+                                         ("batch", "length", "activation_mlp"))
+    return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD.astype(dt))
+
+
+class Block(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS,
+               layer_cache):
+    cfg = self.config
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD)
+    h, new_cache = Attention(cfg, name="attn")(
+        h, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
+    x_BxTxD = x_BxTxD + h
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(h)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "activation_embed"))
+    return x_BxTxD, new_cache
+
+
+class Transformer(nn.Module):
+  """Returns `(logits_BxTxV in fp32, new_cache or None)`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None):
+    cfg = self.config
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones_like(tokens_BxT)
+    embedding_VxD = _param(self, "embedding", _kernel_init,
+                           (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "activation_embed"))
+
+    T = tokens_BxT.shape[1]
+    if cache is None:
+      q_slot_BxT = jnp.broadcast_to(jnp.arange(T)[None], tokens_BxT.shape)
+      k_segment_BxS = segment_ids_BxT
+    else:
+      index = cache["index"]
+      q_slot_BxT = jnp.broadcast_to(index + jnp.arange(T)[None], tokens_BxT.shape)
+      k_segment_BxS = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, index))
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache["layers"][i]
+      x_BxTxD, new_layer = block_cls(cfg, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, segment_ids_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
+      new_layers.append(new_layer)
+    x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
+
+    if cfg.tie_embeddings:
+      out_DxV = embedding_VxD.T
+    else:
+      out_DxV = _param(self, "lm_head", _kernel_init, (cfg.embed_dim, cfg.vocab_size),
+                       ("embed", "vocab"))
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, out_DxV.astype(cfg.compute_dtype))
+    logits_BxTxV = nn.with_logical_constraint(
+        logits_BxTxV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
+
+    if cache is None:
+      return logits_BxTxV, None
+    new_cache = {"index": cache["index"] + T, "segment_ids": k_segment_BxS,
+                 "layers": new_layers}
+    return logits_BxTxV, new_cache
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Any:
+  """Boxed (logically partitioned) parameters; use `nn.unbox` for plain arrays."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(config).init(rng, tokens, tokens)["params"]
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(params)))
