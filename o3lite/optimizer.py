@@ -19,12 +19,14 @@ def _decay_mask(params):
   return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-  """From the `optimizer` section of a run config."""
+def make_optimizer(opt_cfg, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule) from the `optimizer` section of a run config."""
   schedule = learning_rate_schedule(opt_cfg.learning_rate, opt_cfg.warmup_steps,
                                     total_steps, opt_cfg.final_lr_fraction)
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(opt_cfg.grad_clip_norm),
       optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                   weight_decay=opt_cfg.weight_decay, mask=_decay_mask),
   )
+  return tx, schedule

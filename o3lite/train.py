@@ -1,0 +1,59 @@
+r"""Entry point: `python -m o3lite.train --config=configs/sft.py [--workdir=DIR]`.
+
+Parses flags and calls into the library. Without --workdir a fresh folder under ./runs is
+made and printed; with an existing one the run resumes from its latest checkpoint.
+Overrides: `--config.train.num_steps=100`; an unknown key or wrong type is an error.
+Multi-process (TPU pod slice, multi-node GPU, or the local two-process CPU test): pass
+--multiprocess (TPU VMs find their peers themselves) or the coordinator flags.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/sft.py", "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder (checkpoints, metrics, eval). Default: a new ./runs/...")
+_MULTIPROCESS = flags.DEFINE_bool(
+    "multiprocess", False, "Call jax.distributed.initialize() (auto-detected on TPU VMs).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _default_workdir(config) -> str:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  name = config.method if config.method != "sft" else f"sft-{config.data.task}"
+  return os.path.join("runs", f"{name}-{stamp}")
+
+
+def main(argv):
+  del argv
+  from o3lite import distributed  # Imports jax: after flag parsing, before any use.
+  distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
+                               _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from o3lite import errors
+  from o3lite import trainer
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or _default_workdir(config)
+  print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+  runners = {"sft": trainer.run_sft}
+  if config.method not in runners:
+    errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
+  try:
+    runners[config.method](config, workdir)
+  except errors.USER_ERRORS as e:
+    errors.exit_with(e)
+
+
+if __name__ == "__main__":
+  app.run(main)
