@@ -1,0 +1,306 @@
+"""TFDS builders of question / chain-of-thought / answer datasets.
+
+Every builder writes array_record files with three Text features, `question`,
+`cot` (steps joined by "\\n") and `answer`, and splits train / validation /
+test that never share a question. They run without TensorFlow:
+
+  builder = ReasoningTasks(data_dir=d, config=ReasoningTasks.make_config(
+      "opchain", {"steps": 5}, (20000, 2000, 2000), seed=0),
+      file_format="array_record")
+  builder.download_and_prepare()
+  source = builder.as_data_source("train")  # random access, values are bytes
+
+Config names encode everything that changes the data (task knobs, sizes and
+seed; a hash of the source folder for files), so a cache never mixes them.
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from o3lite import tasks
+
+tfds.disable_progress_bar()
+# TFDS warns about every config that is not declared in BUILDER_CONFIGS; ours
+# are all made on the fly.
+logging.getLogger("absl").addFilter(
+    lambda record: "custom data configuration" not in record.getMessage())
+
+Example = dict[str, str]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_GSM8K_PATH = str(REPO_ROOT.parent / "shared" / "data" / "gsm8k")
+SPLITS = tasks.SPLITS
+
+
+def _features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "question": tfds.features.Text(),
+      "cot": tfds.features.Text(),
+      "answer": tfds.features.Text(),
+  })
+
+
+def _short_hash(text: str) -> str:
+  return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared pieces: version, features, and examples keyed by position."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default probes `importlib_resources`, which we do not install.
+    return epath.Path(inspect.getfile(cls))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Not `dataset_info_from_configs`: it needs the builder to live in a TFDS
+    # package with metadata files.
+    return tfds.core.DatasetInfo(builder=self, features=_features())
+
+  def _generate_examples(
+      self, examples: Sequence[Example]) -> Iterator[tuple[int, Example]]:
+    yield from enumerate(examples)
+
+
+# --- Procedural tasks. ---
+
+
+@dataclasses.dataclass(eq=False)
+class ReasoningTasksConfig(tfds.core.BuilderConfig):
+  """A task, its difficulty knobs, the split sizes and the seed."""
+
+  task: str = "opchain"
+  task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  num_examples: tuple[int, int, int] = (20000, 2000, 2000)
+  seed: int = 0
+
+
+class ReasoningTasks(_Builder, skip_registration=True):
+  """Problems of a registered procedural task (see `o3lite.tasks`)."""
+
+  @staticmethod
+  def make_config(task: str, task_kwargs: Mapping[str, Any],
+                  num_examples: Sequence[int],
+                  seed: int) -> ReasoningTasksConfig:
+    """Returns the config; its name lists every knob, defaults included.
+
+    Args:
+      task: a registered task name.
+      task_kwargs: its difficulty knobs; unknown or invalid ones raise.
+      num_examples: sizes of the train, validation and test splits.
+      seed: seed of the problem stream.
+    """
+    difficulty = tasks.get_task(task, **task_kwargs).difficulty
+    sizes = tuple(int(n) for n in num_examples)
+    if len(sizes) != len(SPLITS) or min(sizes) < 0:
+      raise ValueError(f"num_examples must be 3 sizes >= 0, got {sizes}.")
+    knobs = "".join(f"-{k}{v}" for k, v in difficulty.items())
+    name = f"{task}{knobs}-n{'-'.join(map(str, sizes))}-s{seed}"
+    return ReasoningTasksConfig(name=name, task=task, task_kwargs=difficulty,
+                                num_examples=sizes, seed=seed)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    task = tasks.get_task(self.builder_config.task,
+                          **self.builder_config.task_kwargs)
+    splits = {}
+    for split, size in zip(SPLITS, self.builder_config.num_examples):
+      problems = tasks.generate_split(task, split, size,
+                                      self.builder_config.seed)
+      splits[split] = self._generate_examples(
+          [{"question": p.question, "cot": p.cot, "answer": p.answer}
+           for p in problems])
+    return splits
+
+
+# --- JSONL files. ---
+
+
+def read_jsonl(path: str,
+               parse: Callable[[dict[str, Any]], Example]) -> list[Example]:
+  """Reads a JSONL file of objects, one example per non-blank line.
+
+  Args:
+    path: the file.
+    parse: turns one JSON object into an example; raises ValueError with a
+      short reason when the object is malformed.
+
+  Raises:
+    ValueError: "path:line: reason" for the first malformed line.
+  """
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+          raise ValueError(
+              f"expected a JSON object, got {type(record).__name__}")
+        examples.append(parse(record))
+      except ValueError as e:
+        raise ValueError(f"{path}:{line_number}: {e}") from None
+  return examples
+
+
+def _get_str(record: Mapping[str, Any], key: str, required: bool = True) -> str:
+  if key not in record:
+    if required:
+      raise ValueError(f"missing key {key!r}")
+    return ""
+  value = record[key]
+  if not isinstance(value, str):
+    raise ValueError(f"key {key!r} must be a string, got "
+                     f"{type(value).__name__}")
+  return value
+
+
+def _lines(text: str) -> list[str]:
+  return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def parse_gsm8k(record: Mapping[str, Any]) -> Example:
+  """A GSM8K record: solution lines, calculator annotations, "#### answer"."""
+  question = _get_str(record, "question").strip()
+  solution, marker, answer = _get_str(record, "answer").rpartition("####")
+  if not marker:
+    raise ValueError("answer has no '####' final-answer line")
+  answer = answer.strip().replace(",", "")
+  if not answer:
+    raise ValueError("empty final answer after '####'")
+  cot = "\n".join(_lines(_CALCULATOR.sub("", solution)))
+  return {"question": question, "cot": cot, "answer": answer}
+
+
+def parse_record(record: Mapping[str, Any]) -> Example:
+  """A user record: question, answer (strings) and an optional cot."""
+  question = _get_str(record, "question").strip()
+  answer = _get_str(record, "answer").strip()
+  cot = "\n".join(_lines(_get_str(record, "cot", required=False)))
+  if not question:
+    raise ValueError("empty 'question'")
+  if not answer:
+    raise ValueError("empty 'answer'")
+  return {"question": question, "cot": cot, "answer": answer}
+
+
+def carve_split(examples: Sequence[Example], low: float,
+                high: float) -> tuple[list[Example], list[Example]]:
+  """Splits off the examples whose question hashes into [low, high).
+
+  Returns:
+    (kept, carved): a stable, deterministic partition; equal questions always
+    land on the same side.
+  """
+  kept, carved = [], []
+  for example in examples:
+    inside = low <= tasks.hash_fraction(example["question"]) < high
+    (carved if inside else kept).append(example)
+  return kept, carved
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  """A folder of JSONL files."""
+
+  path: str = ""
+
+
+def _folder_config(prefix: str, path: str) -> FolderConfig:
+  path = os.path.abspath(os.path.expanduser(path))
+  return FolderConfig(name=f"{prefix}-{_short_hash(path)}", path=path)
+
+
+def _require_folder(path: str, what: str) -> None:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} folder not found: {path}")
+
+
+class Gsm8k(_Builder, skip_registration=True):
+  """GSM8K grade-school maths from local train.jsonl / test.jsonl.
+
+  test is test.jsonl; validation is the ~5% of train.jsonl whose question
+  hashes into [0.95, 1); train is the rest.
+  """
+
+  VALIDATION_FRACTION = 0.05
+
+  @staticmethod
+  def make_config(path: str = "") -> FolderConfig:
+    """Config for the folder `path` ("" = the shared GSM8K copy)."""
+    return _folder_config("gsm8k", path or DEFAULT_GSM8K_PATH)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    path = self.builder_config.path
+    _require_folder(path, "GSM8K")
+    train = read_jsonl(os.path.join(path, "train.jsonl"), parse_gsm8k)
+    test = read_jsonl(os.path.join(path, "test.jsonl"), parse_gsm8k)
+    train, validation = carve_split(train, 1 - self.VALIDATION_FRACTION, 1.0)
+    return {"train": self._generate_examples(train),
+            "validation": self._generate_examples(validation),
+            "test": self._generate_examples(test)}
+
+
+class JsonlDataset(_Builder, skip_registration=True):
+  """Users' own data: a folder with train.jsonl and optional eval files.
+
+  Lines are {"question": str, "answer": str, "cot": str (optional)}. A missing
+  validation.jsonl (test.jsonl) is carved from train: the questions hashing
+  into [0.8, 0.9) ([0.9, 1.0)). Train examples whose question is in an
+  evaluation split are dropped, so splits never share a question.
+  """
+
+  CARVE = {"validation": (0.8, 0.9), "test": (0.9, 1.0)}
+
+  @staticmethod
+  def make_config(path: str) -> FolderConfig:
+    """Config for the folder `path`."""
+    if not path:
+      raise ValueError("JsonlDataset needs a folder path.")
+    return _folder_config("jsonl", path)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    path = self.builder_config.path
+    _require_folder(path, "JSONL dataset")
+    train_file = os.path.join(path, "train.jsonl")
+    if not os.path.isfile(train_file):
+      raise FileNotFoundError(f"JSONL dataset has no train.jsonl: {train_file}")
+    splits = {"train": read_jsonl(train_file, parse_record)}
+    for split, (low, high) in self.CARVE.items():
+      file = os.path.join(path, f"{split}.jsonl")
+      if os.path.isfile(file):
+        splits[split] = read_jsonl(file, parse_record)
+      else:
+        splits["train"], splits[split] = carve_split(splits["train"], low, high)
+    held_out = {ex["question"] for s in self.CARVE for ex in splits[s]}
+    train = [ex for ex in splits["train"] if ex["question"] not in held_out]
+    if len(train) < len(splits["train"]):
+      logging.warning("%s: dropped %d train examples whose question is in "
+                      "validation or test.", path,
+                      len(splits["train"]) - len(train))
+    splits["train"] = train
+    return {split: self._generate_examples(splits[split]) for split in SPLITS}

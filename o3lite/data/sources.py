@@ -1,0 +1,82 @@
+"""Examples of a data config as decoded dicts, and the matching checker.
+
+`data_cfg` is the `data` section of a run config (an ml_collections ConfigDict
+or anything with these attributes):
+
+  source         "task" | "gsm8k" | "jsonl"
+  task           task name, for source "task"
+  task_kwargs    its difficulty knobs (dict / ConfigDict)
+  path           folder of JSONL files for gsm8k / jsonl ("" = shared GSM8K)
+  data_dir       TFDS data dir where datasets are prepared and cached
+  num_train, num_validation, num_test, seed   split sizes and seed (task)
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from o3lite import tasks
+from o3lite.data import builders
+
+SOURCES = ("task", "gsm8k", "jsonl")
+
+
+def _as_dict(kwargs: Any) -> dict[str, Any]:
+  if kwargs is None:
+    return {}
+  if hasattr(kwargs, "to_dict"):  # ml_collections.ConfigDict
+    return kwargs.to_dict()
+  return dict(kwargs)
+
+
+def get_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
+  """Returns the prepared TFDS builder of `data_cfg` (prepares it if needed).
+
+  Raises:
+    ValueError: unknown source (or task / knob, see `tasks.get_task`).
+    FileNotFoundError: missing source folder for gsm8k / jsonl.
+  """
+  source = data_cfg.source
+  if source == "task":
+    builder_cls = builders.ReasoningTasks
+    config = builder_cls.make_config(
+        data_cfg.task, _as_dict(data_cfg.task_kwargs),
+        (data_cfg.num_train, data_cfg.num_validation, data_cfg.num_test),
+        data_cfg.seed)
+  elif source == "gsm8k":
+    builder_cls = builders.Gsm8k
+    config = builder_cls.make_config(data_cfg.path)
+  elif source == "jsonl":
+    builder_cls = builders.JsonlDataset
+    config = builder_cls.make_config(data_cfg.path)
+  else:
+    raise ValueError(f"Unknown data source {source!r}; valid: {list(SOURCES)}.")
+  builder = builder_cls(data_dir=data_cfg.data_dir, config=config,
+                        file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def load_examples(data_cfg: Any, split: str) -> Sequence[dict[str, str]]:
+  """Returns the examples of `split` as {"question", "cot", "answer"} strings.
+
+  The order is the (deterministic) order of the prepared files.
+  """
+  if split not in builders.SPLITS:
+    raise ValueError(
+        f"Unknown split {split!r}; valid: {list(builders.SPLITS)}.")
+  source = get_builder(data_cfg).as_data_source(split)
+  records = source.__getitems__(range(len(source))) if len(source) else []
+  return [{key: value.decode("utf-8") for key, value in record.items()}
+          for record in records]
+
+
+def get_checker(data_cfg: Any) -> Callable[[str | None, str], bool]:
+  """Returns `check(predicted, target) -> bool` for the data's answers."""
+  if data_cfg.source == "task":
+    return tasks.get_task(data_cfg.task, **_as_dict(data_cfg.task_kwargs)).check
+  if data_cfg.source in SOURCES:
+    return tasks.numeric_match
+  raise ValueError(
+      f"Unknown data source {data_cfg.source!r}; valid: {list(SOURCES)}.")

@@ -1,0 +1,236 @@
+"""Tokenizers: our own SentencePiece models, or a local Hugging Face one.
+
+Both expose the same small interface (`Tokenizer`): `encode` adds no EOS,
+`decode` stops at the first EOS and drops padding, and the think delimiters of
+`o3lite.formatting` are single ids.
+
+  tokenizer = get_tokenizer(config.data)
+"""
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import sentencepiece as spm
+
+from o3lite import formatting
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+class Tokenizer(Protocol):
+  """What the rest of o3lite needs from a tokenizer."""
+
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+  think_start_id: int
+  think_end_id: int
+  path: str  # where it was loaded from: a .model file or a folder.
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without EOS."""
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids` up to the first EOS, pad ids dropped."""
+
+  def save(self, directory: str) -> None:
+    """Writes the files `get_tokenizer` / the class reload it from."""
+
+
+def _until_eos(ids: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
+  out = []
+  for i in ids:
+    i = int(i)
+    if i == eos_id:
+      break
+    if i != pad_id:
+      out.append(i)
+  return out
+
+
+def _single_id(tokenizer: Tokenizer, text: str) -> int:
+  ids = tokenizer.encode(text)
+  if len(ids) != 1:
+    raise ValueError(f"{text!r} is not a single token in {tokenizer.path}: "
+                     f"{ids}.")
+  return ids[0]
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file (as written by `train_sentencepiece`)."""
+
+  def __init__(self, model_file: str):
+    if not os.path.isfile(model_file):
+      raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
+    self.path = model_file
+    self._sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.vocab_size = self._sp.get_piece_size()
+    self.pad_id = self._sp.pad_id()
+    self.eos_id = self._sp.eos_id()
+    if self.eos_id < 0:
+      raise ValueError(f"{model_file} has no EOS piece.")
+    self.think_start_id = _single_id(self, formatting.THINK_START)
+    self.think_end_id = _single_id(self, formatting.THINK_END)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode(_until_eos(ids, self.eos_id, self.pad_id))
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, SENTENCEPIECE_FILE), "wb") as f:
+      f.write(self._sp.serialized_model_proto())
+
+
+_SPECIAL_PIECES = (formatting.THINK_START, formatting.THINK_END, "\n")
+_NUM_META_PIECES = 3  # pad, unk, eos.
+_NUM_BYTE_PIECES = 256
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int,
+                        model_prefix: str) -> SentencePieceTokenizer:
+  """Trains a BPE SentencePiece model; writes `model_prefix`.model / .vocab.
+
+  Digits are split, "<think>", "</think>" and "\n" are single pieces and text
+  is not normalized, so decode(encode(s)) == s for every s made of characters
+  of `texts`. When `vocab_size` has room for the 256 byte pieces next to every
+  character of `texts`, unknown characters fall back to bytes and every s
+  round-trips; a smaller vocabulary (a tiny model on a task with a dozen
+  characters) keeps all characters of `texts` but no byte pieces, and unseen
+  characters become unk. `vocab_size` is a soft limit: a small corpus gives
+  fewer pieces.
+
+  Args:
+    texts: the training texts (e.g. prompt + completion of each example).
+    vocab_size: the most pieces to learn.
+    model_prefix: path prefix of the files written.
+
+  Raises:
+    ValueError: `vocab_size` below the characters of `texts` plus 6 special
+      pieces, or SentencePiece failed.
+  """
+  texts = list(texts)
+  chars = set()
+  for text in texts:
+    for piece in _SPECIAL_PIECES:
+      text = text.replace(piece, "")
+    chars.update(text)
+  required = _NUM_META_PIECES + len(_SPECIAL_PIECES) + len(chars)
+  if vocab_size < required:
+    raise ValueError(
+        f"vocab_size={vocab_size} is too small: the data have {len(chars)} "
+        f"distinct characters, so at least {required} pieces are needed.")
+  byte_fallback = vocab_size >= required + _NUM_BYTE_PIECES
+  spm.set_random_generator_seed(0)  # Sampling of large corpora.
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        split_digits=True,
+        pad_id=0, unk_id=1, eos_id=2, bos_id=-1,
+        user_defined_symbols=list(_SPECIAL_PIECES),
+        byte_fallback=byte_fallback,
+        # Without byte pieces every training character must get a piece.
+        character_coverage=0.9995 if byte_fallback else 1.0,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        input_sentence_size=200_000,
+        shuffle_input_sentence=True,
+        num_threads=2,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise ValueError(f"SentencePiece training failed (vocab_size="
+                     f"{vocab_size}): {e}") from e
+  return SentencePieceTokenizer(model_prefix + ".model")
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer from a local folder (no downloads).
+
+  The think delimiters are added as special tokens if they are not single
+  tokens already; `vocab_size` then counts them, so the model's embedding
+  must be resized to it.
+  """
+
+  def __init__(self, local_dir: str):
+    if not os.path.isdir(local_dir):
+      raise FileNotFoundError(f"Hugging Face tokenizer folder not found: "
+                              f"{local_dir}")
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    self.path = local_dir
+    self._tok = transformers.AutoTokenizer.from_pretrained(
+        local_dir, local_files_only=True)
+    for delimiter in (formatting.THINK_START, formatting.THINK_END):
+      if len(self.encode(delimiter)) != 1:
+        self._tok.add_tokens([delimiter], special_tokens=True)
+    if self._tok.eos_token_id is None:
+      raise ValueError(f"Tokenizer in {local_dir} has no EOS token.")
+    self.eos_id = self._tok.eos_token_id
+    pad = self._tok.pad_token_id
+    self.pad_id = self.eos_id if pad is None else pad
+    self.vocab_size = len(self._tok)
+    self.think_start_id = _single_id(self, formatting.THINK_START)
+    self.think_end_id = _single_id(self, formatting.THINK_END)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(_until_eos(ids, self.eos_id, self.pad_id),
+                            skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+  def save(self, directory: str) -> None:
+    self._tok.save_pretrained(directory)
+
+
+def _training_texts(examples: Iterable[dict[str, str]]) -> Iterable[str]:
+  for ex in examples:
+    yield (formatting.format_prompt(ex["question"])
+           + formatting.format_completion(ex["cot"], ex["answer"]))
+
+
+def get_tokenizer(data_cfg: Any) -> Tokenizer:
+  """The tokenizer of a data config.
+
+  `data_cfg.tokenizer` is a `.model` file (SentencePiece), a folder (Hugging
+  Face), or "": then a SentencePiece model of `data_cfg.vocab_size` pieces is
+  trained on the train split's prompts + completions (with CoT) and cached in
+  the prepared dataset's folder, so the same data always get the same one.
+  """
+  path = data_cfg.tokenizer
+  if path:
+    if os.path.isdir(path):
+      return HFTokenizer(path)
+    if path.endswith(".model"):
+      return SentencePieceTokenizer(path)
+    raise FileNotFoundError(f"Tokenizer {path!r} is neither a SentencePiece "
+                            ".model file nor a Hugging Face folder.")
+  from o3lite.data import sources  # pylint: disable=g-import-not-at-top
+
+  builder = sources.get_builder(data_cfg)
+  cached = os.path.join(os.fspath(builder.data_dir), "tokenizer",
+                        f"spm_bpe_v{data_cfg.vocab_size}.model")
+  if not os.path.isfile(cached):
+    examples = sources.load_examples(data_cfg, "train")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(cached)) as tmp:
+      trained = train_sentencepiece(_training_texts(examples),
+                                    data_cfg.vocab_size,
+                                    os.path.join(tmp, "spm"))
+      os.replace(trained.path, cached)  # Atomic: readers see all or nothing.
+    logging.info("Trained tokenizer %s (%d pieces).", cached,
+                 trained.vocab_size)
+  return SentencePieceTokenizer(cached)
