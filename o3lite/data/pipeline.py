@@ -1,0 +1,144 @@
+"""Deterministic, resumable SFT batches with sequence packing.
+
+A batch is a pure function of `position`, the number of examples consumed so
+far in the run: epoch e = position // num_examples reads the examples in a
+permutation seeded by (seed, e). Saving `position` with a checkpoint is all it
+takes to resume without skipping or repeating data:
+
+  batcher = SFTBatcher(examples, tokenizer, batch_size=64, seq_len=256, seed=0)
+  batch, position = batcher.get_batch(position)
+
+Each example is the token sequence prompt + completion + EOS, of length L; it
+fills L - 1 (input, target) slots of a row. Rows of `seq_len` slots are packed
+greedily with consecutive examples; `segment_ids` (1, 2, ... per example, 0 on
+padding) keep them from attending to each other and `positions` restart at 0.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from o3lite import formatting
+from o3lite import tokenizer as tokenizer_lib
+
+Batch = dict[str, np.ndarray]
+
+
+def tokenize_example(ex: dict[str, str], tokenizer: tokenizer_lib.Tokenizer,
+                     with_cot: bool) -> tuple[list[int], list[int]]:
+  """Returns (prompt_ids, completion_ids); the completion ends with EOS."""
+  prompt = tokenizer.encode(formatting.format_prompt(ex["question"]))
+  completion = tokenizer.encode(
+      formatting.format_completion(ex["cot"], ex["answer"], with_cot))
+  return prompt, completion + [tokenizer.eos_id]
+
+
+def encode_prompts(examples: Sequence[dict[str, str]],
+                   tokenizer: tokenizer_lib.Tokenizer) -> list[list[int]]:
+  """Prompt ids of each example, for sampling and evaluation."""
+  return [tokenizer.encode(formatting.format_prompt(ex["question"]))
+          for ex in examples]
+
+
+class SFTBatcher:
+  """Packs tokenized examples into [batch_size, seq_len] training batches.
+
+  Batch arrays, all [batch_size, seq_len]:
+    inputs       int32 token ids (each sequence but its last token)
+    targets      int32 next tokens
+    loss_mask    float32, 1 where the target is a completion token (EOS
+                 included), 0 on prompt targets and padding
+    segment_ids  int32, 1, 2, ... per packed example in a row, 0 on padding
+    positions    int32, 0, 1, ... restarting with each example
+  Padding uses `tokenizer.pad_id`.
+  """
+
+  def __init__(self, examples: Sequence[dict[str, str]],
+               tokenizer: tokenizer_lib.Tokenizer, batch_size: int,
+               seq_len: int, seed: int, with_cot: bool = True,
+               pack: bool = True):
+    """Tokenizes every example.
+
+    Args:
+      examples: dicts with "question", "cot" and "answer".
+      tokenizer: the tokenizer.
+      batch_size: rows per batch.
+      seq_len: slots per row.
+      seed: seed of the per-epoch permutations.
+      with_cot: train on the chains of thought, or on empty think blocks.
+      pack: several examples per row, or one.
+
+    Raises:
+      ValueError: no examples, or an example of more than seq_len + 1 tokens.
+    """
+    if not examples:
+      raise ValueError("SFTBatcher needs at least one example.")
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.seed = seed
+    self.pack = pack
+    self.pad_id = tokenizer.pad_id
+    self._tokens, self._prompt_lens = [], []
+    for index, ex in enumerate(examples):
+      prompt, completion = tokenize_example(ex, tokenizer, with_cot)
+      length = len(prompt) + len(completion)
+      if length > seq_len + 1:
+        raise ValueError(
+            f"Example {index} has {length} tokens, more than seq_len + 1 = "
+            f"{seq_len + 1} (seq_len={seq_len}); raise seq_len or drop it.")
+      self._tokens.append(np.asarray(prompt + completion, np.int32))
+      self._prompt_lens.append(len(prompt))
+    self._orders: dict[int, np.ndarray] = {}
+
+  @property
+  def num_examples(self) -> int:
+    """Examples per epoch."""
+    return len(self._tokens)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) >= 2:
+        self._orders.pop(min(self._orders))
+      rng = np.random.default_rng([self.seed, epoch])
+      self._orders[epoch] = rng.permutation(self.num_examples)
+    return self._orders[epoch]
+
+  def example_index(self, position: int) -> int:
+    """Index (in `examples`) of the example read at `position`."""
+    epoch, offset = divmod(position, self.num_examples)
+    return int(self._order(epoch)[offset])
+
+  def get_batch(self, position: int) -> tuple[Batch, int]:
+    """Returns the batch starting at `position` and the position after it."""
+    if position < 0:
+      raise ValueError(f"position must be >= 0, got {position}.")
+    shape = (self.batch_size, self.seq_len)
+    batch = {
+        "inputs": np.full(shape, self.pad_id, np.int32),
+        "targets": np.full(shape, self.pad_id, np.int32),
+        "loss_mask": np.zeros(shape, np.float32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+    }
+    for row in range(self.batch_size):
+      start, segment = 0, 0
+      while True:
+        index = self.example_index(position)
+        tokens = self._tokens[index]
+        n = len(tokens) - 1
+        if start + n > self.seq_len:
+          break  # Starts the next row (or the next batch).
+        span = slice(start, start + n)
+        segment += 1
+        batch["inputs"][row, span] = tokens[:-1]
+        batch["targets"][row, span] = tokens[1:]
+        # targets[j] = tokens[j + 1] is a completion token iff j + 1 >= P.
+        first_target = max(self._prompt_lens[index], 1) - 1
+        batch["loss_mask"][row, start + first_target:start + n] = 1.0
+        batch["segment_ids"][row, span] = segment
+        batch["positions"][row, span] = np.arange(n)
+        start += n
+        position += 1
+        if not self.pack:
+          break
+    return batch, position
