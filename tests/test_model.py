@@ -1,0 +1,106 @@
+"""Model shapes, parameter counts, causality and KV-cache equivalence."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o3lite import model as model_lib
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("qwen2_5_0_5b", 494_032_768),
+    ("llama3_2_1b", 1_235_814_400),
+])
+def test_named_sizes_have_exact_parameter_counts(name, expected):
+  cfg = model_lib.ModelConfig.named(name)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  assert model_lib.count_params(abstract) == expected
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = model_lib.ModelConfig.tiny(qkv_bias=True, tie_embeddings=False)
+  boxed = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  leaves = jax.tree_util.tree_leaves(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert all(len(x.names) == x.value.ndim for x in leaves)
+  names = set(jax.tree_util.tree_leaves(nn.get_partition_spec(boxed),
+                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  assert names  # Specs exist for every box.
+
+
+def _random_model(**overrides):
+  cfg = model_lib.ModelConfig.tiny(vocab_size=61, **overrides)
+  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0)))
+  # Larger weights than the init so that tokens really influence each other.
+  params = jax.tree_util.tree_map(lambda p: p * 8.0 if p.ndim >= 2 else p, params)
+  return cfg, params
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "tie_embeddings": False},
+                                       {"num_kv_heads": 4, "rope_theta": 1e6}])
+def test_cached_decoding_matches_full_forward(overrides):
+  cfg, params = _random_model(**overrides)
+  model = model_lib.Transformer(cfg)
+  B, T = 3, 14
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  full, _ = model.apply({"params": params}, tokens, positions)
+  cache = model_lib.init_cache(cfg, B, T + 3)
+  logits, cache = model.apply({"params": params}, tokens[:, :6], positions[:, :6], cache=cache)
+  pieces = [logits]
+  for t in range(6, T):
+    logits, cache = model.apply({"params": params}, tokens[:, t:t + 1],
+                                positions[:, t:t + 1], cache=cache)
+    pieces.append(logits)
+  assert int(cache["index"]) == T
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(full[:, 1:] - full[:, :1])).max() > 1e-2  # Not degenerate.
+
+
+def test_model_is_causal():
+  cfg, params = _random_model()
+  model = model_lib.Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, cfg.vocab_size)
+  positions = jnp.arange(10)[None]
+  base, _ = model.apply({"params": params}, tokens, positions)
+  changed, _ = model.apply({"params": params}, tokens.at[0, 6].set((tokens[0, 6] + 1) % 61),
+                           positions)
+  np.testing.assert_allclose(changed[:, :6], base[:, :6], atol=1e-6)
+  assert np.abs(np.asarray(changed[:, 6:] - base[:, 6:])).max() > 1e-3
+
+
+def test_packed_segments_do_not_see_each_other():
+  cfg, params = _random_model()
+  model = model_lib.Transformer(cfg)
+  a = jax.random.randint(jax.random.key(3), (1, 5), 0, cfg.vocab_size)
+  b = jax.random.randint(jax.random.key(4), (1, 7), 0, cfg.vocab_size)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)
+  positions = jnp.concatenate([jnp.arange(5), jnp.arange(7), jnp.zeros(4, jnp.int32)])[None]
+  segments = jnp.array([[1] * 5 + [2] * 7 + [0] * 4])
+  out, _ = model.apply({"params": params}, packed, positions, segments)
+  alone_a, _ = model.apply({"params": params}, a, jnp.arange(5)[None])
+  alone_b, _ = model.apply({"params": params}, b, jnp.arange(7)[None])
+  np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:12], alone_b, atol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  cfg, params = _random_model()
+  tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  f32, _ = model_lib.Transformer(cfg).apply({"params": params}, tokens, positions)
+  bf16_cfg = model_lib.ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
+  bf16, _ = model_lib.Transformer(bf16_cfg).apply({"params": params}, tokens, positions)
+  assert bf16.dtype == jnp.float32
+  p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(bf16)
+  assert float(jnp.abs(p32 - p16).max()) < 0.1
+
+
+def test_invalid_model_configs_are_rejected():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    model_lib.ModelConfig.tiny(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="unknown model size"):
+    model_lib.ModelConfig.named("huge")
