@@ -52,12 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # Rows per step (global, across all devices).
   c.train.grad_accum_steps = 1  # Microbatches per step (batch_size must divide).
-  c.train.num_steps = 1500  # Optimizer steps.
+  c.train.num_steps = 800  # Optimizer steps.
   c.train.log_every = 50  # Steps between metric lines.
-  c.train.eval_every = 500  # Steps between held-out evaluations (0 = only at the end).
-  c.train.checkpoint_every = 250  # Steps between checkpoints.
+  c.train.eval_every = 400  # Steps between held-out evaluations (0 = only at the end).
+  c.train.checkpoint_every = 200  # Steps between checkpoints.
   c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
   c.train.async_checkpointing = True  # Save in the background while training goes on.
+  c.train.init_from = ""  # Checkpoint folder of an earlier run to start from ("" = init).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # Peak learning rate.

@@ -22,9 +22,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep,
-        enable_async_checkpointing=async_save)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -35,9 +35,11 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_position: int, force: bool = False) -> bool:
     """Save if `step` is on the interval (or `force`); returns whether it saved."""
+    if step in self.all_steps() or (not force and step % self.save_every):
+      return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave({"position": int(data_position)}))
-    return self._manager.save(step, args=args, force=force)
+    return self._manager.save(step, args=args, force=True)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
     """(state placed with `abstract_state`'s shardings, data position)."""

@@ -111,6 +111,10 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     state = train_state_lib.create_train_state(
         run.model_cfg, run.tx, run.mesh, run.rules, config.seed)
+    if train.init_from:  # Start from another run's parameters (fresh optimizer).
+      params = checkpoint_lib.restore_params(train.init_from, run.abstract_state)
+      state = state.replace(params=params)
+      print(f"initialized parameters from {train.init_from}", flush=True)
     position = 0
   start_step = int(state.step)
 
