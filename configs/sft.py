@@ -76,8 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.rules = sharding_lib.DEFAULT_RULES  # Logical axis -> mesh axes.
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.split = "test"  # Split of the final evaluation.
-  c.eval.num_examples = 500  # Problems evaluated (periodic evals use validation).
+  c.eval.split = "test"  # Held-out split of the periodic and final evaluations.
+  c.eval.num_examples = 500  # Problems evaluated (the first N of the split).
   c.eval.batch_size = 100  # Prompts decoded together.
   c.eval.max_new_tokens = 64  # Cap on generated tokens.
   return c

@@ -146,11 +146,13 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       window_tokens, window_start = 0, time.time()
     ckpt.save(done, state, position, force=done == train.num_steps)
     if train.eval_every and done % train.eval_every == 0 and done < train.num_steps:
-      eval_metrics, _ = evaluate(run, state.params, "validation", config.eval.num_examples)
+      eval_metrics, _ = evaluate(run, state.params, config.eval.split,
+                                 config.eval.num_examples)
       writer.write(done, {k: v for k, v in eval_metrics.items()
-                          if isinstance(v, (int, float))}, prefix="eval/")
+                          if isinstance(v, (int, float))}, prefix=f"eval_{config.eval.split}/")
       if is_main:
-        print(f"step {done}: validation accuracy {eval_metrics['accuracy']:.3f}", flush=True)
+        print(f"step {done}: {config.eval.split} accuracy {eval_metrics['accuracy']:.3f}",
+              flush=True)
   if pending is not None:
     _log(writer, *pending)
   ckpt.wait()

@@ -104,3 +104,19 @@ def test_invalid_model_configs_are_rejected():
     model_lib.ModelConfig.tiny(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="unknown model size"):
     model_lib.ModelConfig.named("huge")
+
+
+def test_remat_gives_the_same_gradients():
+  cfg, params = _random_model()
+  remat_cfg = model_lib.ModelConfig(**{**cfg.__dict__, "remat": True})
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+  def loss(p, c):
+    logits, _ = model_lib.Transformer(c).apply({"params": p}, tokens, positions)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  g1 = jax.grad(loss)(params, cfg)
+  g2 = jax.grad(loss)(params, remat_cfg)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
