@@ -27,10 +27,12 @@ def test_notebook_is_saved_without_outputs():
 
 def test_tiny_sft_notebook_runs(tmp_path, monkeypatch):
   # The kernel inherits this environment: one CPU device (not the 8 simulated ones of
-  # conftest.py) and a fresh dataset folder, so the test depends on no cache.
+  # conftest.py), a fresh dataset folder, so the test depends on no cache, and the run's
+  # temporary workdir under tmp_path.
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("O3LITE_NOTEBOOK_DATA_DIR", str(tmp_path / "data"))
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(REPO_ROOT)}})
