@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from o3lite import checkpoint as checkpoint_lib
@@ -60,6 +61,12 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Tokenizer, model config, mesh, optimizer and the state's shardings."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_count() > 1:
+    # Process 0 builds the dataset and tokenizer first, so processes sharing a data
+    # folder never race to write it; the others then read (or build their own copy).
+    if jax.process_index() == 0:
+      tokenizer_lib.get_tokenizer(config.data)
+    multihost_utils.sync_global_devices("o3lite: data prepared")
   tokenizer = tokenizer_lib.get_tokenizer(config.data)
   model_cfg = model_config_from(config.model, tokenizer.vocab_size)
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape)
