@@ -45,6 +45,11 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  # Llama-3 style RoPE frequency scaling ("rope_type": "llama3"); factor 1.0 = none.
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # Qwen2 has biases on q, k, v projections.
   tie_embeddings: bool = True  # Output projection reuses the input embedding.
@@ -92,6 +97,8 @@ class ModelConfig:
     """The exact shapes of Llama-3.2-1B (1,235,814,400 parameters)."""
     kwargs = dict(vocab_size=128_256, num_layers=16, embed_dim=2048, num_heads=32,
                   num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
+                  rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_max_len=8192,
                   norm_eps=1e-5, qkv_bias=False, tie_embeddings=True)
     return cls(**{**kwargs, **overrides})
 
@@ -135,11 +142,28 @@ class RMSNorm(nn.Module):
     return (x * scale_D).astype(self.dtype)
 
 
-def apply_rope(x_BxTxNxH, positions_BxT, theta: float):
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2] of the rotary embedding, with Llama-3 scaling if set."""
+  half = cfg.head_dim // 2
+  inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling_factor == 1.0:
+    return inv_freq
+  factor, low, high = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                       cfg.rope_high_freq_factor)
+  wavelen = 2 * jnp.pi / inv_freq
+  low_freq_wavelen = cfg.rope_original_max_len / low
+  high_freq_wavelen = cfg.rope_original_max_len / high
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
   """Rotary embedding, half-split convention (as in Llama / Qwen2 in transformers)."""
   half = x_BxTxNxH.shape[-1] // 2
-  freqs_H2 = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freqs_H2
+  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
   sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
   cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
   x = x_BxTxNxH.astype(jnp.float32)
@@ -169,8 +193,9 @@ class Attention(nn.Module):
       q_BxTxNxH += _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim")).astype(dt)
       k_BxTxKxH += _param(self, "k_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
       v_BxTxKxH += _param(self, "v_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    inv_freq_H2 = rope_frequencies(cfg)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
 
     if layer_cache is None:  # Keys are the input tokens themselves.
       k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
