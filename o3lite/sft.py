@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from o3lite import model as model_lib
+from o3lite import sharding as sharding_lib
 from o3lite.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -89,10 +90,19 @@ def make_train_step(model_cfg: model_lib.ModelConfig, tx: optax.GradientTransfor
   return step
 
 
-def jit_train_step(step_fn, state_shardings, batch_sharding):
-  """Compile once with explicit in/out shardings; the input state is donated."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+def jit_train_step(step_fn, state_shardings, batch_sharding, mesh, rules):
+  """Compile once with explicit in/out shardings; the input state is donated.
+
+  Calls run inside `activation_sharding`, so the activation hints apply when it traces.
+  """
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+  def call(state: TrainState, batch: Batch):
+    with sharding_lib.activation_sharding(mesh, rules):
+      return jitted(state, batch)
+
+  return call
 
 
 def eval_loss(params, batch: Batch, model_cfg: model_lib.ModelConfig) -> jax.Array:

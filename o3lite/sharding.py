@@ -6,6 +6,7 @@ name to mesh axes. The same code runs on 1 CPU, 8 simulated CPU devices, a GPU o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -61,6 +62,16 @@ def make_mesh(axis_names: Sequence[str], shape: Sequence[int],
   # and the `with_logical_constraint` hints.
   auto = (jax.sharding.AxisType.Auto,) * len(axis_names)
   return jax.make_mesh(tuple(shape), axis_names, axis_types=auto, devices=devices)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+  """Context in which the model's `nn.with_logical_constraint` hints take effect.
+
+  Outside it they are no-ops; compile (trace) jitted model code inside it.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules: Rules):

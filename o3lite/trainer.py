@@ -132,7 +132,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding_lib.batch_sharding(run.mesh, run.rules)
   step_fn = sft.jit_train_step(
       sft.make_train_step(run.model_cfg, run.tx, train.grad_accum_steps),
-      run.state_shardings, batch_sharding)
+      run.state_shardings, batch_sharding, run.mesh, run.rules)
   writer = metrics_lib.MetricWriter(workdir, train.num_steps, start_step, enabled=is_main)
 
   pending = None  # Metrics of the previous step, read from device one step late.

@@ -55,7 +55,8 @@ def train_losses(mesh_shape, devices, steps: int = NUM_STEPS) -> list[float]:
   _, shardings = train_state_lib.state_shardings(model_cfg, tx, mesh, RULES)
   state = train_state_lib.create_train_state(model_cfg, tx, mesh, RULES, seed=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, RULES)
-  step = sft.jit_train_step(sft.make_train_step(model_cfg, tx), shardings, batch_sharding)
+  step = sft.jit_train_step(sft.make_train_step(model_cfg, tx), shardings, batch_sharding,
+                            mesh, RULES)
   batch = sharding_lib.put_global_batch(global_batch(), batch_sharding)
   losses = []
   for _ in range(steps):

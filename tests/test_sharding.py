@@ -39,7 +39,7 @@ def _losses(mesh_shape, grad_accum=1, steps=3):
   state = train_state_lib.create_train_state(model_cfg, tx, mesh, RULES, seed=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, RULES)
   step = sft.jit_train_step(sft.make_train_step(model_cfg, tx, grad_accum), shardings,
-                            batch_sharding)
+                            batch_sharding, mesh, RULES)
   batch = sharding_lib.put_global_batch(_batch(), batch_sharding)
   losses = []
   for _ in range(steps):
