@@ -1,14 +1,25 @@
-"""Jitted generation on the explicit KV cache: a jitted prefill, then a `lax.while_loop`
-decode with the cache donated.
+"""The rollout sampler: a jitted prefill, then a `lax.while_loop` decode on the explicit
+KV cache, with the cache donated.
 
-Prompts of different lengths are right-padded to a length bucket (few shapes compile);
-each sequence keeps its own positions, and padded slots carry segment id 0 so no query
-attends to them. This module serves greedy evaluation; sampling strategies plug in at
-`_select` (the `SamplingConfig` is static and hashable).
+- Prompts of different lengths are right-padded to a length bucket (few shapes compile);
+  each sequence keeps its own positions, and padded slots carry segment id 0 so no query
+  attends to them.
+- Greedy (temperature 0), temperature, top-k and top-p; `num_samples` completions per
+  prompt share one prefill (the cache is repeated along the batch).
+- Per-sequence stop at EOS and a `max_new_tokens` cap.
+- Returned log-probabilities are those of the model's own distribution at temperature 1
+  (what the learner computes), whatever the sampling settings or forcing.
+- Thinking budget (budget forcing, s1): after `think_budget` tokens without `</think>`,
+  `</think>` is forced and the answer follows; `min_think` suppresses an early `</think>`
+  (and EOS) so the model thinks longer.
+- Deterministic for a given key: token t of every sequence uses `fold_in(key, t)`.
+
+The sampler reads the very parameter arrays the learner trains (no copy, no sync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -19,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from o3lite import model as model_lib
+from o3lite import sharding as sharding_lib
+
+_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,40 +43,103 @@ class SamplingConfig:
   eos_id: int
   pad_id: int = 0
   prompt_bucket: int = 16  # Prompt lengths are padded up to a multiple of this.
+  temperature: float = 0.0  # 0 = greedy.
+  top_k: int = 0  # Keep the k most likely tokens; 0 = all.
+  top_p: float = 1.0  # Keep the smallest set with this much probability; 1 = all.
+  num_samples: int = 1  # Completions per prompt (consecutive rows of the output).
+  think_end_id: int = -1  # Token id of `</think>`; needed by the two settings below.
+  think_budget: int = 0  # Force `</think>` after this many thinking tokens; 0 = no cap.
+  min_think: int = 0  # Forbid `</think>` and EOS before this many thinking tokens.
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"invalid sampling settings: temperature={self.temperature}, "
+                       f"top_k={self.top_k}, top_p={self.top_p}")
+    if self.num_samples < 1 or self.max_new_tokens < 1:
+      raise ValueError("num_samples and max_new_tokens must be at least 1")
+    if (self.think_budget or self.min_think) and self.think_end_id < 0:
+      raise ValueError("think_budget / min_think need think_end_id")
 
 
 @flax.struct.dataclass
 class SamplingState:
-  step: jax.Array  # int32 scalar: decode steps taken.
+  step: jax.Array  # int32 scalar: tokens generated so far.
+  rng: jax.Array  # The sampling key.
   last_token_B: jax.Array  # The token to feed next.
   position_B: jax.Array  # Its position.
   tokens_BxN: jax.Array  # Generated tokens (pad after a sequence is done).
+  logprobs_BxN: jax.Array  # Their log-probabilities at temperature 1 (0 on padding).
   done_B: jax.Array  # Whether the sequence has emitted EOS.
+  thinking_B: jax.Array  # Whether the sequence has not yet emitted `</think>`.
   cache: model_lib.Cache
 
 
-def _select(logits_BxV: jax.Array) -> jax.Array:
-  """Greedy choice of the next token."""
-  return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus) on the scaled logits."""
+  logits_BxV = logits_BxV / cfg.temperature
+  if cfg.top_k:
+    kth_B1 = jax.lax.top_k(logits_BxV, cfg.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, _NEG, logits_BxV)
+  if cfg.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Mass strictly before each sorted token; keep tokens whose prefix is < top_p.
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_B = jnp.sum(before_BxV < cfg.top_p, axis=-1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, _NEG, logits_BxV)
+  return logits_BxV
+
+
+def _choose(logits_BxV: jax.Array, step: jax.Array, state_rng: jax.Array,
+            thinking_B: jax.Array, cfg: SamplingConfig):
+  """Next tokens and their temperature-1 log-probabilities."""
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  if cfg.min_think:
+    early_B1 = (thinking_B & (step < cfg.min_think))[:, None]
+    banned_V = jnp.zeros(logits_BxV.shape[-1], bool).at[
+        jnp.array([cfg.think_end_id, cfg.eos_id])].set(True)
+    logits_BxV = jnp.where(early_B1 & banned_V, _NEG, logits_BxV)
+  if cfg.temperature == 0.0:
+    next_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  else:
+    key = jax.random.fold_in(state_rng, step)
+    next_B = jax.random.categorical(key, _filter_logits(logits_BxV, cfg)).astype(jnp.int32)
+  if cfg.think_budget:
+    next_B = jnp.where(thinking_B & (step >= cfg.think_budget), cfg.think_end_id, next_B)
+  return next_B, jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"))
-def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array,
+def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Array,
             model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig) -> SamplingState:
-  """Run the prompts through the model, filling the cache, and pick the first token."""
+  """Run the prompts through the model once, then pick the first token of each sample.
+
+  Returns a state of B * num_samples rows (the samples of a prompt are consecutive).
+  """
   B, P = prompt_BxP.shape
-  N = sampling_cfg.max_new_tokens
+  N, S = sampling_cfg.max_new_tokens, sampling_cfg.num_samples
   cache = model_lib.init_cache(model_cfg, B, P + N)
   positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   segments_BxP = (positions_BxP < prompt_len_B[:, None]).astype(jnp.int32)
   logits_BxPxV, cache = model_lib.Transformer(model_cfg).apply(
       {"params": params}, prompt_BxP, positions_BxP, segments_BxP, cache)
   last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
-  first_B = _select(last_BxV)
-  tokens_BxN = jnp.full((B, N), sampling_cfg.pad_id, jnp.int32).at[:, 0].set(first_B)
-  return SamplingState(step=jnp.ones((), jnp.int32), last_token_B=first_B,
-                       position_B=prompt_len_B.astype(jnp.int32), tokens_BxN=tokens_BxN,
-                       done_B=first_B == sampling_cfg.eos_id, cache=cache)
+  if S > 1:
+    repeat = lambda x: jnp.repeat(x, S, axis=0) if x.ndim else x
+    cache = jax.tree_util.tree_map(repeat, cache)
+    last_BxV, prompt_len_B = repeat(last_BxV), repeat(prompt_len_B)
+  rows = B * S
+  step = jnp.zeros((), jnp.int32)
+  thinking_B = jnp.ones((rows,), bool)
+  first_B, logprob_B = _choose(last_BxV, step, rng, thinking_B, sampling_cfg)
+  tokens_BxN = jnp.full((rows, N), sampling_cfg.pad_id, jnp.int32).at[:, 0].set(first_B)
+  logprobs_BxN = jnp.zeros((rows, N), jnp.float32).at[:, 0].set(logprob_B)
+  return SamplingState(
+      step=step + 1, rng=rng, last_token_B=first_B, position_B=prompt_len_B.astype(jnp.int32),
+      tokens_BxN=tokens_BxN, logprobs_BxN=logprobs_BxN,
+      done_B=first_B == sampling_cfg.eos_id,
+      thinking_B=thinking_B & (first_B != sampling_cfg.think_end_id), cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"),
@@ -71,7 +148,7 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
            sampling_cfg: SamplingConfig) -> SamplingState:
   """Decode one token at a time until every sequence is done or the cap is reached."""
   model = model_lib.Transformer(model_cfg)
-  N = sampling_cfg.max_new_tokens
+  N, cfg = sampling_cfg.max_new_tokens, sampling_cfg
 
   def cond(s: SamplingState):
     return (s.step < N) & ~jnp.all(s.done_B)
@@ -80,11 +157,16 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
     logits_Bx1xV, cache = model.apply(
         {"params": params}, s.last_token_B[:, None], s.position_B[:, None],
         jnp.ones_like(s.last_token_B)[:, None], s.cache)
-    next_B = jnp.where(s.done_B, sampling_cfg.pad_id, _select(logits_Bx1xV[:, 0]))
-    tokens_BxN = jax.lax.dynamic_update_slice(s.tokens_BxN, next_B[:, None], (0, s.step))
-    return SamplingState(step=s.step + 1, last_token_B=next_B, position_B=s.position_B + 1,
-                         tokens_BxN=tokens_BxN,
-                         done_B=s.done_B | (next_B == sampling_cfg.eos_id), cache=cache)
+    next_B, logprob_B = _choose(logits_Bx1xV[:, 0], s.step, s.rng, s.thinking_B, cfg)
+    next_B = jnp.where(s.done_B, cfg.pad_id, next_B)
+    logprob_B = jnp.where(s.done_B, 0.0, logprob_B)
+    return SamplingState(
+        step=s.step + 1, rng=s.rng, last_token_B=next_B, position_B=s.position_B + 1,
+        tokens_BxN=jax.lax.dynamic_update_slice(s.tokens_BxN, next_B[:, None], (0, s.step)),
+        logprobs_BxN=jax.lax.dynamic_update_slice(
+            s.logprobs_BxN, logprob_B[:, None], (0, s.step)),
+        done_B=s.done_B | (next_B == cfg.eos_id),
+        thinking_B=s.thinking_B & (next_B != cfg.think_end_id), cache=cache)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -106,20 +188,57 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int,
   return prompt_BxP, np.array([len(p) for p in rows], np.int32)
 
 
-def generate(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelConfig,
-             sampling_cfg: SamplingConfig, batch_size: int) -> list[list[int]]:
-  """Greedy completions (without EOS and padding) for each prompt, in order."""
-  completions = []
-  for start in range(0, len(prompts), batch_size):
+@dataclasses.dataclass
+class Completion:
+  """One sampled completion: tokens (EOS excluded) and their log-probabilities."""
+
+  tokens: list[int]
+  logprobs: list[float]
+  finished: bool  # Ended with EOS (False: hit max_new_tokens).
+
+
+def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelConfig,
+           sampling_cfg: SamplingConfig, batch_size: int, rng: jax.Array | None = None,
+           mesh: jax.sharding.Mesh | None = None, rules=None) -> list[list[Completion]]:
+  """`num_samples` completions for each prompt, in order; prompts go `batch_size` at a time.
+
+  With a mesh (and its logical rules), prompts are split over the batch axes of the mesh
+  and the model's activation hints apply; params keep the shardings they have.
+  """
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  context = contextlib.nullcontext()
+  if mesh is not None:
+    sharding_lib.check_batch(batch_size, mesh, rules)
+    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+    context = sharding_lib.activation_sharding(mesh, rules)
+  results = []
+  for chunk_index, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = prompts[start:start + batch_size]
     prompt_BxP, prompt_len_B = pad_prompts(chunk, batch_size, sampling_cfg)
-    state = prefill(params, jnp.asarray(prompt_BxP), jnp.asarray(prompt_len_B),
-                    model_cfg, sampling_cfg)
-    state = decode(params, state, model_cfg, sampling_cfg)
-    tokens_BxN = np.asarray(jax.device_get(state.tokens_BxN))
-    for row in tokens_BxN[:len(chunk)]:
-      row = row.tolist()
-      if sampling_cfg.eos_id in row:
-        row = row[:row.index(sampling_cfg.eos_id)]
-      completions.append(row)
-  return completions
+    if mesh is None:
+      prompt_BxP, prompt_len_B = jnp.asarray(prompt_BxP), jnp.asarray(prompt_len_B)
+    else:
+      placed = sharding_lib.put_global_batch(
+          {"prompt": prompt_BxP, "length": prompt_len_B[:, None]}, batch_sharding)
+      prompt_BxP, prompt_len_B = placed["prompt"], placed["length"][:, 0]
+    with context:
+      state = prefill(params, prompt_BxP, prompt_len_B,
+                      jax.random.fold_in(rng, chunk_index), model_cfg, sampling_cfg)
+      state = decode(params, state, model_cfg, sampling_cfg)
+    tokens, logprobs = jax.device_get((state.tokens_BxN, state.logprobs_BxN))
+    S = sampling_cfg.num_samples
+    for i in range(len(chunk)):
+      samples = []
+      for row in range(i * S, (i + 1) * S):
+        toks = np.asarray(tokens[row]).tolist()
+        end = toks.index(sampling_cfg.eos_id) if sampling_cfg.eos_id in toks else len(toks)
+        samples.append(Completion(toks[:end], np.asarray(logprobs[row][:end]).tolist(),
+                                  end < len(toks)))
+      results.append(samples)
+  return results
+
+
+def generate(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelConfig,
+             sampling_cfg: SamplingConfig, batch_size: int) -> list[list[int]]:
+  """Greedy (or first-sample) completions without EOS and padding, one per prompt."""
+  return [s[0].tokens for s in sample(params, prompts, model_cfg, sampling_cfg, batch_size)]

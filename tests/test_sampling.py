@@ -1,5 +1,7 @@
 """Greedy cached generation equals step-by-step argmax of the full forward pass."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,7 +60,7 @@ def test_generation_stops_at_eos_and_caps_length():
   p_u["lm_head"] = jnp.zeros_like(p_u["lm_head"])
   eos0 = sampling.SamplingConfig(max_new_tokens=5, eos_id=0, pad_id=1)
   state = sampling.prefill(p_u, jnp.array([[5, 6, 1, 1], [7, 1, 1, 1]]), jnp.array([2, 1]),
-                           cfg_u, eos0)
+                           jax.random.PRNGKey(0), cfg_u, eos0)
   state = sampling.decode(p_u, state, cfg_u, eos0)
   assert int(state.step) == 1 and bool(state.done_B.all())
   assert sampling.generate(p_u, [[5, 6]], cfg_u, eos0, batch_size=1) == [[]]
@@ -72,3 +74,107 @@ def test_padding_edge_cases():
   assert tokens.shape == (1, 16)
   with pytest.raises(ValueError, match="empty prompt"):
     sampling.pad_prompts([[]], 1, scfg)
+
+
+def _full_logprobs(cfg, params, prompt, completion):
+  seq = jnp.array([list(prompt) + list(completion)])
+  logits, _ = model_lib.Transformer(cfg).apply({"params": params}, seq,
+                                               jnp.arange(seq.shape[1])[None])
+  logprobs = jax.nn.log_softmax(logits[0], axis=-1)
+  n = len(prompt)
+  return np.array([float(logprobs[n - 1 + i, t]) for i, t in enumerate(completion)])
+
+
+def test_logprobs_equal_the_training_forward_pass():
+  cfg, params = _model(seed=3)
+  prompts = [[5, 9, 11], [4, 8, 15, 16, 23, 30, 31]]
+  for scfg in [sampling.SamplingConfig(max_new_tokens=10, eos_id=EOS, temperature=1.0,
+                                       num_samples=2),
+               sampling.SamplingConfig(max_new_tokens=10, eos_id=EOS, temperature=0.7,
+                                       top_k=5, top_p=0.9)]:
+    out = sampling.sample(params, prompts, cfg, scfg, batch_size=2, rng=jax.random.PRNGKey(1))
+    assert [len(o) for o in out] == [scfg.num_samples] * 2
+    for prompt, samples in zip(prompts, out):
+      for s in samples:
+        want = _full_logprobs(cfg, params, prompt, s.tokens)
+        assert np.max(np.abs(np.array(s.logprobs) - want)) <= 1e-5
+
+
+def test_sample_frequencies_match_the_softmax():
+  cfg, params = _model(seed=4)
+  params = jax.tree_util.tree_map(lambda p: p / 4.0 if p.ndim >= 2 else p, params)
+  prompt = [7, 3, 12]
+  logits, _ = model_lib.Transformer(cfg).apply({"params": params}, jnp.array([prompt]),
+                                               jnp.arange(3)[None])
+  probs = np.asarray(jax.nn.softmax(logits[0, -1]))
+  n = 4000
+  for top_k in (0, 4):
+    scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=-1, temperature=1.0,
+                                   num_samples=n, top_k=top_k)
+    samples = sampling.sample(params, [prompt], cfg, scfg, batch_size=1,
+                              rng=jax.random.PRNGKey(7))[0]
+    counts = np.bincount([s.tokens[0] for s in samples], minlength=V)
+    expected = probs.copy()
+    if top_k:
+      expected[np.argsort(probs)[:-top_k]] = 0.0
+      expected /= expected.sum()
+      assert set(np.nonzero(counts)[0]) <= set(np.argsort(probs)[-top_k:])
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(counts / n - expected) <= 4.5 * sigma + 1e-9)
+    assert probs.max() < 0.5  # A spread distribution: the test can fail.
+
+
+def test_top_p_keeps_the_nucleus_only():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.8)
+  kept = np.asarray(sampling._filter_logits(logits, scfg)[0] > -1e29)
+  assert kept.tolist() == [True, True, False, False]
+  scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.81)
+  kept = np.asarray(sampling._filter_logits(logits, scfg)[0] > -1e29)
+  assert kept.tolist() == [True, True, True, False]
+
+
+def test_sampling_is_deterministic_for_a_key_and_sharding_does_not_change_it():
+  from o3lite import sharding as sharding_lib
+  cfg, params = _model(seed=5)
+  prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+  scfg = sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, temperature=1.0, num_samples=2)
+  a = sampling.sample(params, prompts, cfg, scfg, batch_size=4, rng=jax.random.PRNGKey(3))
+  b = sampling.sample(params, prompts, cfg, scfg, batch_size=4, rng=jax.random.PRNGKey(3))
+  c = sampling.sample(params, prompts, cfg, scfg, batch_size=4, rng=jax.random.PRNGKey(4))
+  tokens = lambda out: [[s.tokens for s in x] for x in out]
+  assert tokens(a) == tokens(b) and tokens(a) != tokens(c)
+  mesh = sharding_lib.make_mesh(("data", "fsdp", "tensor"), (4, 1, 2))
+  sharded = sampling.sample(params, prompts, cfg, scfg, batch_size=4,
+                            rng=jax.random.PRNGKey(3), mesh=mesh,
+                            rules=sharding_lib.DEFAULT_RULES)
+  assert tokens(sharded) == tokens(a)
+
+
+def test_thinking_budget_forces_the_end_of_thinking():
+  cfg, params = _model(seed=6)
+  think_end = 3
+  prompts = [[5, 6, 7], [9]]
+  free = sampling.SamplingConfig(max_new_tokens=12, eos_id=EOS, think_end_id=think_end)
+  unforced = sampling.generate(params, prompts, cfg, free, batch_size=2)
+  assert all(think_end not in u[:4] for u in unforced)  # It would think past 4 tokens.
+  capped = dataclasses.replace(free, think_budget=4)
+  out = sampling.sample(params, prompts, cfg, capped, batch_size=2)
+  for (s,), u in zip(out, unforced):
+    assert s.tokens[:4] == u[:4] and s.tokens[4] == think_end
+    assert len(s.tokens) > 5  # The answer follows the forced </think>.
+
+
+def test_min_think_suppresses_an_early_end_of_thinking():
+  scfg = sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, think_end_id=3, min_think=4)
+  # The model prefers </think> (3), then EOS, then token 5.
+  logits = jnp.zeros((1, V)).at[0, 3].set(5.0).at[0, EOS].set(4.0).at[0, 5].set(1.0)
+  choose = lambda step, thinking: int(sampling._choose(
+      logits, jnp.array(step), jax.random.PRNGKey(0), jnp.array([thinking]), scfg)[0][0])
+  assert choose(2, True) == 5  # Too early: </think> and EOS are banned.
+  assert choose(4, True) == 3  # Enough thinking.
+  assert choose(2, False) == 3  # Already answering: nothing to suppress.
+  _, logprob = sampling._choose(logits, jnp.array(2), jax.random.PRNGKey(0),
+                                jnp.array([True]), scfg)
+  # The log-probability is the model's own, not the suppressed distribution's.
+  np.testing.assert_allclose(logprob, jax.nn.log_softmax(logits)[0, 5], atol=1e-6)
