@@ -1,0 +1,62 @@
+"""What both benchmarks share: the machine description, result files, Markdown tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from typing import Any, Sequence
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def environment() -> dict[str, Any]:
+  """Where and on what a result was measured."""
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+
+  commit = git("rev-parse", "--short", "HEAD") or "unknown"
+  dirty = git("status", "--porcelain", "--untracked-files=no")
+  return {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "git_commit": commit,
+      "git_dirty": bool(dirty),  # Uncommitted changes to tracked files were measured too.
+      "host": platform.node(),
+      "cpu_count": os.cpu_count(),
+      "load_average_1_5_15min": os.getloadavg(),  # Other work on the machine skews timings.
+      "jax": jax.__version__,
+      "devices": [str(d) for d in jax.devices()],
+  }
+
+
+def warn_if_busy() -> None:
+  """Prints a warning when other processes already load the CPUs (timings get noisy)."""
+  load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+  if load > 0.5 * cpus:
+    print(f"WARNING: 1-minute load average {load:.1f} on {cpus} CPUs: other work is "
+          "running, so timings will be noisy.", flush=True)
+
+
+def write_results(name: str, results: dict[str, Any]) -> str:
+  """Writes `bench/results/{name}.json` with the environment added; returns the path."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump({"environment": environment(), **results}, f, indent=2)
+  return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub Markdown table; cells are already-formatted strings (or str()-able)."""
+  lines = ["| " + " | ".join(headers) + " |",
+           "| " + " | ".join("---" for _ in headers) + " |"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
