@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
   c.train.async_checkpointing = True  # Save in the background while training goes on.
   c.train.init_from = ""  # Checkpoint folder of an earlier run to start from ("" = init).
+  # Local Hugging Face Llama / Qwen2 folder (config.json + safetensors) to start from: its
+  # shape replaces the `model` section (whose dtype and remat still apply) and its
+  # tokenizer is used unless data.tokenizer is set. "" = random init.
+  c.train.init_from_hf = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # Peak learning rate.
@@ -78,6 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"  # Held-out split of the periodic and final evaluations.
   c.eval.num_examples = 500  # Problems evaluated (the first N of the split).
-  c.eval.batch_size = 100  # Prompts decoded together.
+  c.eval.batch_size = 128  # Prompts decoded together.
   c.eval.max_new_tokens = 64  # Cap on generated tokens.
+  c.eval.num_samples = 0  # Samples per problem for pass@k / maj@k (0 = greedy only).
+  c.eval.temperature = 1.0  # Temperature of those samples.
+  c.eval.top_p = 1.0  # Nucleus sampling of those samples (1 = off).
+  c.eval.seed = 0  # Seed of those samples.
+  c.eval.think_budgets = ()  # Greedy accuracy with the thinking capped at each budget.
   return c

@@ -1,57 +1,59 @@
-"""Held-out evaluation: greedy decoding, answer parsing and exact match.
+r"""Entry point: evaluate a training run's checkpoint on a held-out split.
 
-Writes `eval.json` (`accuracy`, `num_examples`, `split`, ...) and `eval_samples.jsonl`
-(one line per problem: `prompt`, `completion`, `answer`, `target`, `correct`).
+  python -m o3lite.evaluate --workdir=DIR [--split=test] [--num_examples=500]
+      [--num_samples=8 --temperature=0.8] [--think_budgets=4,8,16]
+
+The checkpoint, tokenizer and config come from DIR; settings default to the run's `eval`
+section. Writes DIR/eval_<split>.json and DIR/eval_<split>_samples.jsonl, prints a table.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Callable, Sequence
+from absl import app
+from absl import flags
+from absl import logging
 
-import numpy as np
-
-from o3lite import formatting
-from o3lite import sampling
-
-
-def evaluate_greedy(params, model_cfg, examples: Sequence[dict], tokenizer,
-                    checker: Callable[[str | None, str], bool], max_new_tokens: int,
-                    batch_size: int, split: str) -> tuple[dict[str, Any], list[dict]]:
-  """Exact match of greedy completions against the targets."""
-  prompts_text = [formatting.format_prompt(ex["question"]) for ex in examples]
-  prompts = [tokenizer.encode(p) for p in prompts_text]
-  cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                pad_id=tokenizer.pad_id)
-  completions = sampling.generate(params, prompts, model_cfg, cfg, batch_size)
-  samples = []
-  for prompt, ids, ex in zip(prompts_text, completions, examples):
-    text = tokenizer.decode(ids)
-    answer = formatting.parse_answer(text)
-    samples.append({"prompt": prompt, "completion": text, "answer": answer,
-                    "target": ex["answer"], "correct": bool(checker(answer, ex["answer"])),
-                    "completion_tokens": len(ids)})
-  correct = np.array([s["correct"] for s in samples], np.float64)
-  metrics = {
-      "split": split,
-      "num_examples": len(samples),
-      "accuracy": float(correct.mean()) if len(samples) else 0.0,
-      "parsed_fraction": float(np.mean([s["answer"] is not None for s in samples])),
-      "mean_completion_tokens": float(np.mean([s["completion_tokens"] for s in samples])),
-  }
-  return metrics, samples
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of a training run.",
+                               required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_SPLIT = flags.DEFINE_string("split", None, "Held-out split (default: the run's).")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Problems to evaluate.")
+_OVERRIDES = {
+    "max_new_tokens": flags.DEFINE_integer("max_new_tokens", None, "Generated tokens cap."),
+    "batch_size": flags.DEFINE_integer("batch_size", None, "Prompts decoded together."),
+    "num_samples": flags.DEFINE_integer("num_samples", None,
+                                        "Samples per problem for pass@k / maj@k."),
+    "temperature": flags.DEFINE_float("temperature", None, "Temperature of the samples."),
+    "top_p": flags.DEFINE_float("top_p", None, "Nucleus sampling of the samples."),
+    "seed": flags.DEFINE_integer("seed", None, "Sampling seed."),
+}
+_BUDGETS = flags.DEFINE_list("think_budgets", None, "Thinking budgets (tokens) to try.")
 
 
-def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict],
-               name: str = "eval") -> None:
-  """`DIR/{name}.json` and `DIR/{name}_samples.jsonl`, written atomically."""
-  path = os.path.join(workdir, f"{name}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(metrics, f, indent=2)
-  os.replace(path + ".tmp", path)
-  path = os.path.join(workdir, f"{name}_samples.jsonl")
-  with open(path + ".tmp", "w") as f:
-    for s in samples:
-      f.write(json.dumps(s) + "\n")
-  os.replace(path + ".tmp", path)
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  from o3lite import errors, evaluation, trainer  # pylint: disable=g-import-not-at-top
+  try:
+    run, params = trainer.load_run(_WORKDIR.value, _STEP.value)
+    eval_cfg = run.config.eval
+    with run.config.unlocked():
+      for key, flag in _OVERRIDES.items():
+        if flag.value is not None:
+          eval_cfg[key] = flag.value
+      if _BUDGETS.value is not None:
+        eval_cfg.think_budgets = tuple(int(b) for b in _BUDGETS.value)
+    split = _SPLIT.value or eval_cfg.split
+    metrics, samples = trainer.evaluate(run, params, split,
+                                        _NUM_EXAMPLES.value or eval_cfg.num_examples)
+  except errors.USER_ERRORS as e:
+    errors.exit_with(e)
+  if jax.process_index() == 0:
+    path = evaluation.write_eval(_WORKDIR.value, metrics, samples, name=f"eval_{split}")
+    print(evaluation.format_table(metrics))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -309,14 +309,29 @@ def _is_ignored(name: str, cfg: model_lib.ModelConfig) -> bool:
                                                   and name == "lm_head.weight")
 
 
+_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _grow_vocab(name: str, x: np.ndarray, from_size: int, vocab_size: int) -> np.ndarray:
+  """Rows for tokens the checkpoint lacks (e.g. added think delimiters): the mean row,
+  so new tokens start as an average token (as in `resize_token_embeddings`)."""
+  if name not in _VOCAB_TENSORS or x.ndim != 2 or x.shape[0] != from_size:
+    return x
+  mean = np.asarray(x, np.float32).mean(axis=0, keepdims=True).astype(x.dtype)
+  return np.concatenate([x, np.repeat(mean, vocab_size - x.shape[0], axis=0)])
+
+
 def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConfig,
-                     place: Callable[[tuple[str, ...], np.ndarray], Any]) -> dict[str, Any]:
+                     place: Callable[[tuple[str, ...], np.ndarray], Any],
+                     grow_vocab_from: int | None = None) -> dict[str, Any]:
   layout = _layout(cfg)
   names = {name for name in tensors if not _is_ignored(name, cfg)}
   _check_names(names, {t.name for t in layout}, "tensors in the checkpoint")
   flat = {}
   for t in layout:  # One tensor at a time: read, convert, place, let go.
     x = tensors[t.name]
+    if grow_vocab_from is not None:
+      x = _grow_vocab(t.name, x, grow_vocab_from, cfg.vocab_size)
     if tuple(x.shape) != t.hf_shape:
       raise ValueError(f"tensor {t.name} has shape {tuple(x.shape)} in the checkpoint, "
                        f"expected {t.hf_shape} from the config")
@@ -386,6 +401,7 @@ def _read_weights(directory: str) -> dict[str, np.ndarray]:
 def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
                        shardings: Any = None,
                        rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+                       min_vocab_size: int = 0,
                        **overrides) -> tuple[model_lib.ModelConfig, dict[str, Any]]:
   """(ModelConfig, fp32 params) of a local transformers checkpoint folder.
 
@@ -394,7 +410,9 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   Placement: `shardings` (a NamedSharding tree of the params, e.g.
   `trainer.Run.state_shardings.params`), else the shardings `rules` give on `mesh`, else
   the default device. `overrides` go to `model_config_from_hf` (e.g. dtype="bfloat16").
-  The tokenizer of the folder: `o3lite.tokenizer.HFTokenizer(path)`.
+  The tokenizer of the folder: `o3lite.tokenizer.HFTokenizer(path)`; it may add the think
+  delimiters as new tokens, so `min_vocab_size=len(tokenizer)` grows the embedding (and
+  an untied output matrix) to fit them, new rows set to the mean row.
 
   Raises:
     FileNotFoundError: no such folder, or no config.json / safetensors weights in it.
@@ -407,6 +425,10 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
     raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
   with open(config_file) as f:
     cfg = model_config_from_hf(json.load(f), **overrides)
+  grow_from = None
+  if cfg.vocab_size < min_vocab_size:
+    grow_from = cfg.vocab_size
+    cfg = dataclasses.replace(cfg, vocab_size=min_vocab_size)
   if shardings is None and mesh is not None:
     shardings = param_shardings(cfg, mesh, rules)
   if shardings is None:
@@ -417,7 +439,7 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
 
     def place(path, x):  # Each device gets only its slice.
       return jax.make_array_from_callback(x.shape, flat_shardings[path], lambda i: x[i])
-  return cfg, _convert_from_hf(_read_weights(path), cfg, place)
+  return cfg, _convert_from_hf(_read_weights(path), cfg, place, grow_from)
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int

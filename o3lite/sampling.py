@@ -206,11 +206,12 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
   and the model's activation hints apply; params keep the shardings they have.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  context = contextlib.nullcontext()
+  context = contextlib.nullcontext  # Entered once per chunk: a factory.
   if mesh is not None:
-    sharding_lib.check_batch(batch_size, mesh, rules)
     batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    context = sharding_lib.activation_sharding(mesh, rules)
+    shards = sharding_lib.batch_shards(mesh, rules)
+    batch_size = -(-batch_size // shards) * shards  # Padding rows fill the mesh.
+    context = lambda: sharding_lib.activation_sharding(mesh, rules)
   results = []
   for chunk_index, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = prompts[start:start + batch_size]
@@ -221,7 +222,7 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
       placed = sharding_lib.put_global_batch(
           {"prompt": prompt_BxP, "length": prompt_len_B[:, None]}, batch_sharding)
       prompt_BxP, prompt_len_B = placed["prompt"], placed["length"][:, 0]
-    with context:
+    with context():
       state = prefill(params, prompt_BxP, prompt_len_B,
                       jax.random.fold_in(rng, chunk_index), model_cfg, sampling_cfg)
       state = decode(params, state, model_cfg, sampling_cfg)

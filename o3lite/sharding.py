@@ -102,10 +102,18 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return logical_to_sharding(P("batch", "length"), mesh, rules)
 
 
-def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
+def _batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
   spec = batch_sharding(mesh, rules).spec[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  size = math.prod(mesh.shape[a] for a in axes)
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """Into how many pieces the batch dimension is split."""
+  return math.prod(mesh.shape[a] for a in _batch_axes(mesh, rules))
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
+  axes, size = _batch_axes(mesh, rules), batch_shards(mesh, rules)
   if batch_size % size:
     raise MeshError(f"batch size {batch_size} is not divisible by the {size} devices "
                     f"of mesh axes {axes}")

@@ -234,3 +234,10 @@ def get_tokenizer(data_cfg: Any) -> Tokenizer:
     logging.info("Trained tokenizer %s (%d pieces).", cached,
                  trained.vocab_size)
   return SentencePieceTokenizer(cached)
+
+
+def saved_path(directory: str) -> str:
+  """The `data.tokenizer` value that reloads a tokenizer written by `save(directory)`."""
+  if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+    return directory  # A Hugging Face tokenizer folder.
+  return os.path.join(directory, SENTENCEPIECE_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -35,6 +36,21 @@ def _default_workdir(config) -> str:
   return os.path.join("runs", f"{name}-{stamp}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag or config override is one line and exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, and config_flags' KeyError/AttributeError/...
+    while e.args and isinstance(e.args[0], BaseException):  # Unwrap nested re-raises.
+      e = e.args[0]
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, KeyError):
+      message = f"unknown config key {message}"
+    message = " ".join(message.split())
+    print(f"o3lite: config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -57,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

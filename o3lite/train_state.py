@@ -52,9 +52,22 @@ def state_shardings(model_cfg, tx, mesh: Mesh, rules) -> tuple[Any, Any]:
   return abstract, shardings
 
 
-def create_train_state(model_cfg, tx, mesh: Mesh, rules, seed: int) -> TrainState:
-  """A freshly initialized state, sharded over `mesh` from the start."""
+def create_train_state(model_cfg, tx, mesh: Mesh, rules, seed: int,
+                       params: Any = None) -> TrainState:
+  """A fresh state, sharded over `mesh` from the start.
+
+  `params` (already placed in the state's parameter shardings, e.g. a Hugging Face
+  checkpoint from `hf.load_hf_checkpoint`) replace the random initialization; the
+  optimizer state is built around them.
+  """
   _, shardings = state_shardings(model_cfg, tx, mesh, rules)
-  init = jax.jit(lambda: nn.unbox(_init_boxed(model_cfg, tx, seed)),
-                 out_shardings=shardings)
-  return init()
+  if params is None:
+    init = jax.jit(lambda: nn.unbox(_init_boxed(model_cfg, tx, seed)),
+                   out_shardings=shardings)
+    return init()
+
+  def around(p):
+    state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      rng=state_rng)
+  return jax.jit(around, in_shardings=(shardings.params,), out_shardings=shardings)(params)

@@ -19,7 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from o3lite import checkpoint as checkpoint_lib
-from o3lite import evaluate as evaluate_lib
+from o3lite import evaluation
+from o3lite import hf
 from o3lite import metrics as metrics_lib
 from o3lite import model as model_lib
 from o3lite import optimizer as optimizer_lib
@@ -58,17 +59,46 @@ class Run:
   state_shardings: Any
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Tokenizer, model config, mesh, optimizer and the state's shardings."""
+def _hf_model_config(config: ml_collections.ConfigDict, vocab_size: int
+                     ) -> model_lib.ModelConfig:
+  """The shape of the `train.init_from_hf` checkpoint; dtype and remat from `model`."""
+  path = config.train.init_from_hf
+  config_file = os.path.join(path, hf.CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"train.init_from_hf={path}: no {hf.CONFIG_FILE} there")
+  with open(config_file) as f:
+    cfg = hf.model_config_from_hf(json.load(f), dtype=config.model.dtype,
+                                  remat=config.model.remat)
+  return dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
+
+
+def _get_tokenizer(config: ml_collections.ConfigDict):
+  if config.train.init_from_hf and not config.data.tokenizer:
+    return tokenizer_lib.HFTokenizer(config.train.init_from_hf)  # The checkpoint's own.
+  return tokenizer_lib.get_tokenizer(config.data)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          model_cfg: model_lib.ModelConfig | None = None) -> Run:
+  """Tokenizer, model config, mesh, optimizer and the state's shardings.
+
+  The model config is `model_cfg` if given (a saved run's), else the `train.init_from_hf`
+  checkpoint's shape, else the `model` section.
+  """
+  if config.train.init_from and config.train.init_from_hf:
+    raise ValueError("set one of train.init_from and train.init_from_hf, not both")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_count() > 1:
     # Process 0 builds the dataset and tokenizer first, so processes sharing a data
     # folder never race to write it; the others then read (or build their own copy).
     if jax.process_index() == 0:
-      tokenizer_lib.get_tokenizer(config.data)
+      _get_tokenizer(config)
     multihost_utils.sync_global_devices("o3lite: data prepared")
-  tokenizer = tokenizer_lib.get_tokenizer(config.data)
-  model_cfg = model_config_from(config.model, tokenizer.vocab_size)
+  tokenizer = _get_tokenizer(config)
+  if model_cfg is None and config.train.init_from_hf:
+    model_cfg = _hf_model_config(config, tokenizer.vocab_size)
+  elif model_cfg is None:
+    model_cfg = model_config_from(config.model, tokenizer.vocab_size)
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   train = config.train
@@ -93,13 +123,37 @@ def _save_run_files(run: Run) -> None:
   run.tokenizer.save(os.path.join(run.workdir, "tokenizer"))
 
 
+def held_out_examples(run: Run, split: str, num_examples: int) -> list[dict]:
+  """The first `num_examples` problems of a split."""
+  examples = sources.load_examples(run.config.data, split)
+  return [examples[i] for i in range(min(num_examples, len(examples)))]
+
+
 def evaluate(run: Run, params, split: str, num_examples: int) -> tuple[dict, list]:
-  cfg = run.config
-  examples = sources.load_examples(cfg.data, split)
-  examples = [examples[i] for i in range(min(num_examples, len(examples)))]
-  return evaluate_lib.evaluate_greedy(
-      params, run.model_cfg, examples, run.tokenizer, sources.get_checker(cfg.data),
-      cfg.eval.max_new_tokens, cfg.eval.batch_size, split)
+  """Every held-out metric of the run's `eval` section (see `evaluation.evaluate`)."""
+  return evaluation.evaluate(
+      params, run.model_cfg, held_out_examples(run, split, num_examples), run.tokenizer,
+      sources.get_checker(run.config.data), run.config.eval, split, run.mesh, run.rules)
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Run, Any]:
+  """A finished or running training run rebuilt from its folder: (Run, params)."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{workdir} is not a run folder: no config.json")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.data.tokenizer = tokenizer_lib.saved_path(os.path.join(workdir, "tokenizer"))
+  config.lock()
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    model_cfg = model_lib.ModelConfig(**json.load(f))
+  run = setup(config, workdir, model_cfg)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+  try:
+    state, _ = ckpt.restore(run.abstract_state, step)
+  finally:
+    ckpt.close()
+  return run, state.params
 
 
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -116,8 +170,15 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, position = ckpt.restore(run.abstract_state)
     print(f"resumed from step {int(state.step)} of {ckpt.directory}", flush=True)
   else:
+    params = None
+    if train.init_from_hf:  # A Hugging Face checkpoint, read into the params' shardings.
+      _, params = hf.load_hf_checkpoint(
+          train.init_from_hf, shardings=run.state_shardings.params,
+          min_vocab_size=run.model_cfg.vocab_size, dtype=run.model_cfg.dtype,
+          remat=run.model_cfg.remat)
+      print(f"initialized parameters from {train.init_from_hf}", flush=True)
     state = train_state_lib.create_train_state(
-        run.model_cfg, run.tx, run.mesh, run.rules, config.seed)
+        run.model_cfg, run.tx, run.mesh, run.rules, config.seed, params)
     if train.init_from:  # Start from another run's parameters (fresh optimizer).
       params = checkpoint_lib.restore_params(train.init_from, run.abstract_state)
       state = state.replace(params=params)
@@ -169,7 +230,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    config.eval.num_examples)
   eval_metrics["step"] = int(state.step)
   if is_main:
-    evaluate_lib.write_eval(workdir, eval_metrics, samples)
+    evaluation.write_eval(workdir, eval_metrics, samples)
     writer.write(int(state.step), {k: v for k, v in eval_metrics.items()
                                    if isinstance(v, (int, float)) and k != "step"},
                  prefix=f"eval_{config.eval.split}/")

@@ -16,7 +16,6 @@ import safetensors.numpy
 import torch
 import transformers
 
-from configs import sft as sft_config
 from o3lite import export as export_lib
 from o3lite import formatting
 from o3lite import hf
@@ -27,7 +26,6 @@ from o3lite import sharding as sharding_lib
 from o3lite import tasks
 from o3lite import tokenizer as tokenizer_lib
 from o3lite import train_state
-from o3lite import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,22 +215,9 @@ def test_greedy_generation_matches_transformers(tmp_path, sp_tokenizer):
   assert total >= new  # Not a comparison of empty completions.
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  """A tiny SFT run (a few steps of the default task) and its workdir."""
-  root = tmp_path_factory.mktemp("run")
-  config = sft_config.get_config()
-  overrides = {"data.data_dir": str(root / "data"), "data.num_train": 2000,
-               "data.num_validation": 20, "data.num_test": 20, "train.num_steps": 4,
-               "train.log_every": 2, "train.eval_every": 0, "train.batch_size": 8,
-               "data.seq_len": 64, "eval.num_examples": 4, "eval.batch_size": 4,
-               "eval.max_new_tokens": 8}
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  workdir = str(root / "workdir")
-  trainer.run_sft(config, workdir)
-  return workdir
+@pytest.fixture
+def trained_run(tiny_run):
+  return tiny_run
 
 
 def _env():
@@ -365,3 +350,68 @@ def test_bad_checkpoints(tmp_path):
     hf.params_from_hf({**good, "model.extra.weight": good[name]}, cfg)
   ignored = {**good, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}
   assert hf.params_to_hf(hf.params_from_hf(ignored, cfg), cfg).keys() == good.keys()
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_bias"])
+def test_vocabulary_grows_for_added_tokens(case, tmp_path):
+  """Tokens a tokenizer adds (think delimiters) get mean rows; old tokens are unchanged."""
+  model = _hf_model(case, seed=4)
+  model.save_pretrained(tmp_path)
+  old_vocab = CASES[case]["vocab_size"]
+  cfg, params = hf.load_hf_checkpoint(str(tmp_path), min_vocab_size=old_vocab + 2)
+  assert cfg.vocab_size == old_vocab + 2
+  embedding = np.asarray(params["embedding"])
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  np.testing.assert_array_equal(embedding[:old_vocab], state["model.embed_tokens.weight"])
+  np.testing.assert_allclose(embedding[old_vocab:], np.broadcast_to(
+      state["model.embed_tokens.weight"].mean(0), (2, cfg.embed_dim)), rtol=1e-6)
+  tokens = _tokens(old_vocab)
+  ours = _our_logits(params, cfg, tokens)
+  np.testing.assert_allclose(ours[..., :old_vocab], _hf_logits(model, tokens), atol=1e-4,
+                             rtol=0)
+  # A checkpoint whose tensors do not fit its own config.json is still an error.
+  with open(tmp_path / "config.json") as f:
+    bad = json.load(f)
+  bad["vocab_size"] = old_vocab - 1
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(bad, f)
+  with pytest.raises(ValueError, match="model.embed_tokens.weight has shape"):
+    hf.load_hf_checkpoint(str(tmp_path), min_vocab_size=old_vocab + 2)
+
+
+def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
+  """`train.init_from_hf`: the exported run comes back with its weights and tokenizer,
+  placed on an 8-device mesh; training then continues from it."""
+  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  from o3lite import trainer  # pylint: disable=g-import-not-at-top
+
+  out = str(tmp_path / "hf")
+  export_lib.export_run(trained_run, out)
+  with open(os.path.join(trained_run, "config.json")) as f:
+    original = json.load(f)
+  config = sft_config.get_config()
+  for section in ("data", "eval"):
+    for key, value in original[section].items():
+      if key not in ("tokenizer", "task_kwargs"):
+        config[section][key] = value
+  config.train.init_from_hf = out
+  config.train.num_steps = 2
+  config.train.batch_size = 8
+  config.train.eval_every = 0
+  config.optimizer.learning_rate = 0.0  # The parameters stay the imported ones.
+  config.mesh.shape = (4, 2, 1)  # The tiny vocabulary (33) does not split over tensor.
+  workdir = str(tmp_path / "run")
+  trainer.run_sft(config, workdir)
+
+  run, params = trainer.load_run(workdir)
+  _, original_params = trainer.load_run(trained_run)
+  assert run.tokenizer.__class__.__name__ == "HFTokenizer"
+  assert run.model_cfg == trainer.load_run(trained_run)[0].model_cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(original_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with open(os.path.join(workdir, "eval.json")) as f, \
+       open(os.path.join(trained_run, "eval.json")) as g:
+    assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
+  config.train.init_from = trained_run  # Both starting points at once: refused.
+  with pytest.raises(ValueError, match="init_from and train.init_from_hf"):
+    trainer.run_sft(config, str(tmp_path / "both"))

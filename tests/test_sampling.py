@@ -149,6 +149,12 @@ def test_sampling_is_deterministic_for_a_key_and_sharding_does_not_change_it():
                             rng=jax.random.PRNGKey(3), mesh=mesh,
                             rules=sharding_lib.DEFAULT_RULES)
   assert tokens(sharded) == tokens(a)
+  # Several chunks on the mesh; a batch of 3 is padded to 4 rows, one per data shard.
+  more = prompts + [[6, 6], [7, 8, 9]]
+  plain = sampling.sample(params, more, cfg, scfg, batch_size=4, rng=jax.random.PRNGKey(3))
+  chunked = sampling.sample(params, more, cfg, scfg, batch_size=3, rng=jax.random.PRNGKey(3),
+                            mesh=mesh, rules=sharding_lib.DEFAULT_RULES)
+  assert tokens(chunked) == tokens(plain)
 
 
 def test_thinking_budget_forces_the_end_of_thinking():

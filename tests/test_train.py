@@ -134,7 +134,9 @@ def _run_cli_expecting_error(tmp_path, data_dir, *extra):
 
 def test_config_typo_is_an_error_naming_the_key(tmp_path, data_dir):
   err = _run_cli_expecting_error(tmp_path, data_dir, "--config.train.num_stepz=3")
-  assert "num_stepz" in err
+  assert err.strip().splitlines() == [
+      "o3lite: config error: unknown config key 'num_stepz' "
+      "Did you mean \"num_steps\" instead of \"num_stepz\"?"]
 
 
 def test_impossible_mesh_is_a_one_line_error(tmp_path, data_dir):
@@ -146,7 +148,8 @@ def test_impossible_mesh_is_a_one_line_error(tmp_path, data_dir):
 
 def test_wrong_type_is_an_error(tmp_path, data_dir):
   err = _run_cli_expecting_error(tmp_path, data_dir, "--config.train.num_steps=many")
-  assert "num_steps" in err
+  assert err.strip().startswith("o3lite: config error: flag --config.train.num_steps=many")
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_data_folder_is_an_error(tmp_path, data_dir):

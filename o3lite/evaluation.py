@@ -1,0 +1,131 @@
+"""Held-out evaluation, used by training and by `python -m o3lite.evaluate`.
+
+Metrics: greedy exact match (`accuracy`), pass@k with the unbiased estimator of Chen et
+al. 2021 and maj@k (self-consistency over parsed answers) from `num_samples` samples per
+problem, mean chain-of-thought length, and greedy accuracy per thinking budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from o3lite import formatting
+from o3lite import sampling
+
+Checker = Callable[[str | None, str], bool]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), n samples, c correct."""
+  if k > n:
+    raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+  """The most frequent parsed answer (first seen wins ties); None if none parsed."""
+  counts = collections.Counter(a for a in answers if a is not None)
+  if not counts:
+    return None
+  best = max(counts.values())
+  return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def thinking_length(tokens: Sequence[int], think_end_id: int) -> int:
+  """Tokens of the completion before `</think>` (all of them if it never closes)."""
+  return tokens.index(think_end_id) if think_end_id in tokens else len(tokens)
+
+
+def _ks(n: int) -> list[int]:
+  """k = 1, 2, 4, ... up to n (and n itself)."""
+  return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n}) if n else []
+
+
+def evaluate(params, model_cfg, examples: Sequence[dict], tokenizer, checker: Checker,
+             eval_cfg, split: str, mesh=None, rules=None,
+             rng: jax.Array | None = None) -> tuple[dict[str, Any], list[dict]]:
+  """All held-out metrics of `eval_cfg` (the `eval` section of a run config)."""
+  prompts_text = [formatting.format_prompt(ex["question"]) for ex in examples]
+  prompts = [tokenizer.encode(p) for p in prompts_text]
+  base = sampling.SamplingConfig(max_new_tokens=eval_cfg.max_new_tokens,
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                 think_end_id=tokenizer.think_end_id)
+  run = lambda cfg, key=None: sampling.sample(params, prompts, model_cfg, cfg,
+                                              eval_cfg.batch_size, key, mesh, rules)
+  grade = lambda text: (formatting.parse_answer(text), text)
+
+  greedy = [s[0] for s in run(base)]
+  samples, correct = [], []
+  for prompt, completion, ex in zip(prompts_text, greedy, examples):
+    answer, text = grade(tokenizer.decode(completion.tokens))
+    correct.append(bool(checker(answer, ex["answer"])))
+    samples.append({"prompt": prompt, "completion": text, "answer": answer,
+                    "target": ex["answer"], "correct": correct[-1],
+                    "completion_tokens": len(completion.tokens),
+                    "thinking_tokens": thinking_length(completion.tokens,
+                                                       tokenizer.think_end_id)})
+  metrics: dict[str, Any] = {
+      "split": split,
+      "num_examples": len(samples),
+      "accuracy": float(np.mean(correct)) if samples else 0.0,
+      "parsed_fraction": float(np.mean([s["answer"] is not None for s in samples])),
+      "mean_completion_tokens": float(np.mean([s["completion_tokens"] for s in samples])),
+      "mean_thinking_tokens": float(np.mean([s["thinking_tokens"] for s in samples])),
+  }
+
+  n = eval_cfg.num_samples
+  if n:
+    cfg = sampling.SamplingConfig(**{**base.__dict__, "temperature": eval_cfg.temperature,
+                                     "top_p": eval_cfg.top_p, "num_samples": n})
+    key = jax.random.PRNGKey(eval_cfg.seed) if rng is None else rng
+    drawn = run(cfg, key)
+    per_problem = []
+    for sample_list, ex, record in zip(drawn, examples, samples):
+      answers = [formatting.parse_answer(tokenizer.decode(s.tokens)) for s in sample_list]
+      hits = [bool(checker(a, ex["answer"])) for a in answers]
+      record["sample_answers"] = answers
+      per_problem.append((answers, hits))
+    for k in _ks(n):
+      metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(h), k) for _, h in per_problem]))
+      metrics[f"maj@{k}"] = float(np.mean([
+          checker(majority_answer(a[:k]), ex["answer"])
+          for (a, _), ex in zip(per_problem, examples)]))
+    metrics["sample_temperature"] = eval_cfg.temperature
+
+  for budget in eval_cfg.think_budgets:
+    cfg = sampling.SamplingConfig(**{**base.__dict__, "think_budget": int(budget)})
+    outs = [s[0] for s in run(cfg)]
+    hits = [checker(formatting.parse_answer(tokenizer.decode(o.tokens)), ex["answer"])
+            for o, ex in zip(outs, examples)]
+    metrics[f"accuracy@think_budget={int(budget)}"] = float(np.mean(hits))
+  return metrics, samples
+
+
+def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict],
+               name: str = "eval") -> str:
+  """`DIR/{name}.json` and `DIR/{name}_samples.jsonl`, written atomically."""
+  path = os.path.join(workdir, f"{name}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(metrics, f, indent=2)
+  os.replace(path + ".tmp", path)
+  samples_path = os.path.join(workdir, f"{name}_samples.jsonl")
+  with open(samples_path + ".tmp", "w") as f:
+    for s in samples:
+      f.write(json.dumps(s) + "\n")
+  os.replace(samples_path + ".tmp", samples_path)
+  return path
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+  rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
