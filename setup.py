@@ -27,9 +27,10 @@ setuptools.setup(
         "absl-py",
     ],
     extras_require={
-        # torch is only needed by the Hugging Face round-trip tests and benchmarks,
-        # never to train: `pip install torch==2.13.0` (CPU) before `pip install -e .[test]`.
+        # torch is only needed by the Hugging Face round-trip tests and benchmarks
+        # (transformers 5 is PyTorch-only), never to train or export.
         "test": [
+            "torch==2.13.0",
             "pytest>=8",
             "nbformat",
             "nbclient",
