@@ -76,3 +76,31 @@ def restore_params(directory: str, abstract_state: Any) -> Any:
   finally:
     ckpt.close()
   return state.params
+
+
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Only the parameters of a checkpoint (latest, or `step`), placed with the shardings
+  of `abstract_params`; the optimizer state is never read (orbax partial restore)."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint folder {directory} does not exist")
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise CheckpointError(f"no checkpoint{'' if step is None else f' for step {step}'} "
+                            f"in {directory}")
+    item = {"params": abstract_params}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    try:
+      restored = manager.restore(step, args=args)
+    except Exception as e:  # Orbax raises many types for unreadable files.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"checkpoint {os.path.join(directory, str(step))} does not hold parameters of "
+          f"this model: {type(e).__name__}: {reason[:300]}") from e
+  finally:
+    manager.close()
+  return restored.state["params"]

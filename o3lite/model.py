@@ -260,9 +260,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Returns `(logits_BxTxV in fp32, new_cache or None)`."""
+  """Returns `(logits_BxTxV in fp32, new_cache or None)`; with `hidden=True`, the final
+  normed hidden states `x_BxTxD` (fp32) instead of logits (same parameters)."""
 
   config: ModelConfig
+  hidden: bool = False
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None):
@@ -298,6 +300,8 @@ class Transformer(nn.Module):
     else:
       out_DxV = _param(self, "lm_head", _kernel_init, (cfg.embed_dim, cfg.vocab_size),
                        ("embed", "vocab"))
+    if self.hidden:
+      return x_BxTxD.astype(jnp.float32), None
     logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, out_DxV.astype(cfg.compute_dtype))
     logits_BxTxV = nn.with_logical_constraint(
         logits_BxTxV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
@@ -307,6 +311,29 @@ class Transformer(nn.Module):
     new_cache = {"index": cache["index"] + T, "segment_ids": k_segment_BxS,
                  "layers": new_layers}
     return logits_BxTxV, new_cache
+
+
+class ValueModel(nn.Module):
+  """A critic for PPO: the transformer trunk, then a scalar head, V_BxT in fp32.
+
+  Its `trunk` has the policy's parameter tree, so it can start from the policy's weights.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None):
+    x_BxTxD, _ = Transformer(self.config, hidden=True, name="trunk")(
+        tokens_BxT, positions_BxT, segment_ids_BxT)
+    head_D = _param(self, "head", nn.initializers.zeros, (self.config.embed_dim,),
+                    ("embed",))
+    return jnp.einsum("btd,d->bt", x_BxTxD, head_D)
+
+
+def init_value_params(config: ModelConfig, rng: jax.Array) -> Any:
+  """Boxed critic parameters: {"trunk": <policy-shaped tree>, "head": [D]}."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return ValueModel(config).init(rng, tokens, tokens)["params"]
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:

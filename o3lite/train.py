@@ -58,12 +58,13 @@ def main(argv):
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
   from o3lite import errors
+  from o3lite import rl_trainer
   from o3lite import trainer
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  runners = {"sft": trainer.run_sft}
+  runners = {"sft": trainer.run_sft, "rl": rl_trainer.run_rl}
   if config.method not in runners:
     errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:

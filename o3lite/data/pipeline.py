@@ -142,3 +142,30 @@ class SFTBatcher:
         if not self.pack:
           break
     return batch, position
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  finished: Sequence[bool], seq_len: int, eos_id: int, pad_id: int
+                  ) -> dict[str, np.ndarray]:
+  """RL rows: prompt + completion (+ EOS if it stopped), left-aligned, [B, seq_len - 1].
+
+  Arrays as in `SFTBatcher`, with `mask` (not `loss_mask`) 1 on the targets the policy
+  sampled: the completion tokens and its EOS.
+  """
+  B, T = len(prompts), seq_len - 1
+  batch = {k: np.zeros((B, T), np.int32) for k in ("inputs", "targets", "segment_ids")}
+  batch["inputs"][:] = pad_id
+  batch["targets"][:] = pad_id
+  batch["positions"] = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+  batch["mask"] = np.zeros((B, T), np.float32)
+  for b, (prompt, completion, done) in enumerate(zip(prompts, completions, finished)):
+    row = list(prompt) + list(completion) + ([eos_id] if done else [])
+    if len(row) > seq_len:
+      raise ValueError(f"prompt + completion of {len(row)} tokens exceed rl seq_len "
+                       f"{seq_len}")
+    n = len(row) - 1
+    batch["inputs"][b, :n] = row[:-1]
+    batch["targets"][b, :n] = row[1:]
+    batch["segment_ids"][b, :n] = 1
+    batch["mask"][b, len(prompt) - 1:n] = 1
+  return batch

@@ -1,0 +1,69 @@
+"""PPO on verifiable rewards: the design card's main command.
+
+  python -m o3lite.train --config=configs/rl.py [--workdir=DIR] [--config.rl.a=value]
+
+With `rl.sft_init` empty it first runs a short SFT warm start in DIR/sft (the `train`,
+`optimizer` and `data` sections below, from configs/sft.py, configure it; it stops early
+on purpose, so RL has room to improve), then RL from it. DIR/eval.json holds the held-out
+metrics before and after RL. Every field is commented; a typo is an error.
+"""
+
+import ml_collections
+
+from configs import sft
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = sft.get_config()
+  c.method = "rl"  # Which trainer runs this config.
+
+  # The SFT warm start: a short run, so the policy is right on some problems only.
+  c.train.num_steps = 150  # SFT steps of the warm start.
+  c.train.eval_every = 0  # No periodic evaluation during the warm start.
+  c.train.checkpoint_every = 50
+
+  c.eval.num_examples = 500  # Held-out problems evaluated before and after RL.
+  c.eval.num_samples = 8  # Samples per problem for pass@k and maj@k.
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.sft_init = ""  # Run folder of an SFT run to start from; "" = warm start in DIR/sft.
+  c.rl.num_steps = 60  # RL steps (sample, score, update).
+  c.rl.prompts_per_step = 32  # Training prompts sampled per step.
+  c.rl.group_size = 8  # Completions per prompt.
+  c.rl.max_prompt_len = 32  # Prompts are padded to this many tokens (one compile).
+  c.rl.max_new_tokens = 48  # Cap on completion tokens.
+  c.rl.temperature = 1.0  # Sampling temperature of the rollouts.
+  c.rl.epochs = 1  # Passes over each step's samples.
+  c.rl.minibatch_size = 128  # Completions per update (divides prompts x group).
+  c.rl.learning_rate = 1e-3  # Policy AdamW learning rate (constant after warmup).
+  c.rl.value_learning_rate = 1e-3  # Critic AdamW learning rate.
+  c.rl.warmup_steps = 5  # Linear warmup of both learning rates, in updates.
+  c.rl.grad_clip_norm = 1.0  # Global-norm clipping of each model's gradient.
+  c.rl.weight_decay = 0.0  # AdamW weight decay.
+
+  # The algorithm (o3lite.algorithms; names are registered functions).
+  c.rl.advantage = "gae"  # gae (PPO with a critic) | grpo | dr_grpo | rloo.
+  c.rl.policy_loss = "ppo"  # Clipped-ratio surrogate.
+  c.rl.loss_aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum.
+  c.rl.gamma = 1.0  # GAE discount.
+  c.rl.lam = 0.95  # GAE lambda.
+  c.rl.clip_low = 0.2  # Ratio clipped to [1 - clip_low, 1 + clip_high].
+  c.rl.clip_high = 0.2  # > clip_low: DAPO clip-higher.
+  c.rl.dual_clip = 0.0  # Dual-clip constant (> 1) for negative advantages; 0 = off.
+  c.rl.value_clip = 0.2  # Clip of the critic's move from its old values; 0 = off.
+  c.rl.kl_estimator = "k3"  # k1 | k2 | k3 estimator of KL(policy || reference).
+  c.rl.kl_coef = 0.0  # KL weight (0 = no KL term).
+  c.rl.kl_in_reward = False  # True: KL penalty per token in the reward; False: in the loss.
+  c.rl.entropy_coef = 0.0  # Entropy bonus weight.
+  c.rl.eps = 1e-6  # Added to the group std (grpo).
+  c.rl.dynamic_sampling = False  # DAPO: drop groups with equal rewards and refill.
+  c.rl.max_sampling_rounds = 3  # Sampling rounds per step when refilling.
+
+  c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0, "format": 0.1})  # Weights.
+  c.rl.reward_timeout_s = 5.0  # A reward call past this scores 0 and is counted.
+
+  c.rl.log_every = 5  # Steps between console lines (metrics.jsonl gets every step).
+  c.rl.eval_every = 0  # Steps between held-out evaluations (0 = before and after only).
+  c.rl.checkpoint_every = 10  # Steps between checkpoints.
+  c.rl.keep_checkpoints = 2  # How many recent checkpoints to keep.
+  return c
