@@ -26,7 +26,7 @@ import optax
 from o3lite import algorithms as alg
 from o3lite import checkpoint as checkpoint_lib
 from o3lite import evaluation
-from o3lite import formatting
+from o3lite import hf
 from o3lite import metrics as metrics_lib
 from o3lite import model as model_lib
 from o3lite import rewards as rewards_lib
@@ -53,8 +53,16 @@ def _optimizer(rl_cfg, learning_rate: float) -> optax.GradientTransformation:
 
 
 def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The SFT run RL starts from: `rl.sft_init`, else a short SFT run in DIR/sft (with
-  the config's `train`, `optimizer` and `data` sections; resumed if interrupted)."""
+  """Where RL starts: `rl.init_from_hf` (a Hugging Face folder), else `rl.sft_init` (an
+  o3lite run), else a short SFT run in DIR/sft (with the config's `train`, `optimizer`
+  and `data` sections; resumed if interrupted)."""
+  if config.rl.init_from_hf and config.rl.sft_init:
+    raise ValueError("set one of rl.sft_init and rl.init_from_hf, not both")
+  if config.rl.init_from_hf:
+    if not os.path.isfile(os.path.join(config.rl.init_from_hf, hf.CONFIG_FILE)):
+      raise FileNotFoundError(f"rl.init_from_hf={config.rl.init_from_hf}: no "
+                              f"{hf.CONFIG_FILE} there")
+    return config.rl.init_from_hf
   if config.rl.sft_init:
     if not os.path.isfile(os.path.join(config.rl.sft_init, "model_config.json")):
       raise FileNotFoundError(f"rl.sft_init={config.rl.sft_init} is not an o3lite run "
@@ -90,10 +98,18 @@ class RLRun:
 def setup(config: ml_collections.ConfigDict, workdir: str, sft_dir: str) -> RLRun:
   rl_cfg = config.rl
   algo = algo_config(rl_cfg)
-  tokenizer = tokenizer_lib.get_tokenizer(ml_collections.ConfigDict(
-      {"tokenizer": tokenizer_lib.saved_path(os.path.join(sft_dir, "tokenizer"))}))
-  with open(os.path.join(sft_dir, "model_config.json")) as f:
-    model_cfg = model_lib.ModelConfig(**json.load(f))
+  if rl_cfg.init_from_hf:  # The checkpoint's own tokenizer and shape.
+    tokenizer = tokenizer_lib.HFTokenizer(sft_dir)
+    with open(os.path.join(sft_dir, hf.CONFIG_FILE)) as f:
+      model_cfg = hf.model_config_from_hf(json.load(f), dtype=config.model.dtype,
+                                          remat=config.model.remat)
+    model_cfg = dataclasses.replace(
+        model_cfg, vocab_size=max(model_cfg.vocab_size, tokenizer.vocab_size))
+  else:
+    tokenizer = tokenizer_lib.get_tokenizer(ml_collections.ConfigDict(
+        {"tokenizer": tokenizer_lib.saved_path(os.path.join(sft_dir, "tokenizer"))}))
+    with open(os.path.join(sft_dir, "model_config.json")) as f:
+      model_cfg = model_lib.ModelConfig(**json.load(f))
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   rows = rl_cfg.prompts_per_step * rl_cfg.group_size
@@ -212,8 +228,13 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, position = ckpt.restore(run.abstract_state)
     print(f"resumed RL from step {int(state.step)} of {ckpt.directory}", flush=True)
   else:
-    params = checkpoint_lib.restore_params_only(os.path.join(sft_dir, "checkpoints"),
-                                                run.abstract_state.params)
+    if rl_cfg.init_from_hf:
+      _, params = hf.load_hf_checkpoint(
+          sft_dir, shardings=run.shardings.params, min_vocab_size=run.model_cfg.vocab_size,
+          dtype=run.model_cfg.dtype, remat=run.model_cfg.remat)
+    else:
+      params = checkpoint_lib.restore_params_only(os.path.join(sft_dir, "checkpoints"),
+                                                  run.abstract_state.params)
     state = rl.create_state(params, run.model_cfg, run.tx, run.value_tx,
                             run.algo.uses_critic, run.shardings, config.seed)
     position = 0

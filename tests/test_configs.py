@@ -16,7 +16,8 @@ CONFIG_FILES = sorted(
 
 
 def test_there_are_configs():
-  assert {"sft", "sft_answer_only", "sft_addition", "sft_multiplication"} <= set(CONFIG_FILES)
+  assert {"sft", "sft_answer_only", "sft_addition", "sft_multiplication", "rl", "grpo",
+          "rl_qwen_gsm8k"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -27,6 +28,11 @@ def test_config_builds(name):
   assert config.train.batch_size % config.train.grad_accum_steps == 0
   assert config.eval.split in ("train", "validation", "test")
   assert len(config.mesh.axes) == len(config.mesh.shape)
+  if config.method == "rl":  # The algorithm section is valid and the batch splits.
+    from o3lite import rl_trainer  # pylint: disable=g-import-not-at-top
+    rl_trainer.algo_config(config.rl)
+    rows = config.rl.prompts_per_step * config.rl.group_size
+    assert rows % config.rl.minibatch_size == 0
   config.lock()
   with pytest.raises(AttributeError):
     config.train.num_stepz = 3  # A typo is an error, not a new key.

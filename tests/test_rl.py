@@ -225,3 +225,26 @@ def test_bad_rl_configs(tiny_run, tmp_path):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.sft_init": str(tmp_path)}),
                       str(tmp_path / "c"))
   assert alg.RLAlgoConfig(advantage="rloo", group_size=2).uses_critic is False
+
+
+def test_rl_from_a_hugging_face_folder(tiny_run, tmp_path):
+  """`rl.init_from_hf` (how configs/rl_qwen_gsm8k.py starts): policy and reference load
+  from the folder, with its tokenizer; RL then runs."""
+  from o3lite import export as export_lib  # pylint: disable=g-import-not-at-top
+  hf_dir = str(tmp_path / "hf")
+  export_lib.export_run(tiny_run, hf_dir)
+  config = _config_like(tiny_run, **{"rl.sft_init": "", "rl.init_from_hf": hf_dir,
+                                     "rl.num_steps": 1, "eval.num_samples": 0})
+  workdir = str(tmp_path / "run")
+  result = rl_trainer.run_rl(config, workdir)
+  with open(os.path.join(tiny_run, "eval.json")) as f:
+    sft_accuracy = json.load(f)["accuracy"]
+  # The tiny run evaluated 4 problems, this one 8: compare on the first 4.
+  with open(os.path.join(workdir, "eval_before_rl_samples.jsonl")) as f:
+    before = [json.loads(l)["correct"] for l in f][:4]
+  assert sum(before) / 4 == sft_accuracy
+  assert "after_rl" in result
+  assert not os.path.exists(os.path.join(workdir, "sft"))  # No warm start.
+  with pytest.raises(ValueError, match="not both"):
+    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.init_from_hf": hf_dir}),
+                      str(tmp_path / "both"))
