@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # SentencePiece .model or HF folder; "" = train one on the data.
   c.data.vocab_size = 128  # Size of the SentencePiece vocabulary trained when none given.
   c.data.with_cot = True  # Train on the chain of thought; False = answer only.
+  # Imperfect demonstrations (opchain only, train split only): each `cot_slip_op` step of
+  # a training chain is written off by one with this probability (0 = clean chains).
+  c.data.cot_slip_rate = 0.0
+  c.data.cot_slip_op = "*"
   c.data.seq_len = 128  # Tokens per packed training row.
   c.data.pack = True  # Pack several examples per row (else one example per row).
 

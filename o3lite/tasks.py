@@ -293,3 +293,27 @@ def generate_split(task: Task, split: str, num_examples: int,
     seen.add(problem.question)
     problems.append(problem)
   return problems
+
+
+def slip_opchain(example: dict[str, str], op: str, rate: float, modulus: int,
+                 seed: int = 0) -> dict[str, str]:
+  """An opchain example whose chain makes a systematic slip: each `op` step's result is
+  written off by one, (r + 1) mod `modulus`, with probability `rate`; the later steps
+  and the answer follow the wrong value, as a person's chain would. Deterministic per
+  question. Imperfect demonstrations like these leave room for RL: a model imitating
+  them slips too, and only a verifier tells it which of its chains are right.
+  """
+  rng = np.random.default_rng([seed, int(hash_fraction(example["question"]) * 2**32)])
+  lines, value = [], None
+  for line in example["cot"].split("\n"):
+    left, _ = line.split("=")
+    step_op = next(c for c in left[1:] if c in "+-*")  # The first char may be a digit.
+    a, b = left.split(step_op, 1)
+    a = int(a) if value is None else value
+    b = int(b)
+    result = {"+": a + b, "-": a - b, "*": a * b}[step_op] % modulus
+    if step_op == op and rng.random() < rate:
+      result = (result + 1) % modulus
+    lines.append(f"{a}{step_op}{b}={result}")
+    value = result
+  return {**example, "cot": "\n".join(lines), "answer": str(value)}

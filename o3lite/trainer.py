@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -26,6 +26,7 @@ from o3lite import model as model_lib
 from o3lite import optimizer as optimizer_lib
 from o3lite import sft
 from o3lite import sharding as sharding_lib
+from o3lite import tasks
 from o3lite import tokenizer as tokenizer_lib
 from o3lite import train_state as train_state_lib
 from o3lite.data import pipeline
@@ -123,6 +124,18 @@ def _save_run_files(run: Run) -> None:
   run.tokenizer.save(os.path.join(run.workdir, "tokenizer"))
 
 
+def train_examples(data_cfg) -> Sequence[dict]:
+  """The SFT training examples, with `data.cot_slip_rate` slips if asked for."""
+  examples = sources.load_examples(data_cfg, "train")
+  if not data_cfg.cot_slip_rate:
+    return examples
+  if data_cfg.source != "task" or data_cfg.task != "opchain":
+    raise ValueError("data.cot_slip_rate needs data.source='task' and data.task='opchain'")
+  modulus = dict(data_cfg.task_kwargs).get("modulus", 10)
+  return [tasks.slip_opchain(examples[i], data_cfg.cot_slip_op, data_cfg.cot_slip_rate,
+                             modulus, data_cfg.seed) for i in range(len(examples))]
+
+
 def held_out_examples(run: Run, split: str, num_examples: int) -> list[dict]:
   """The first `num_examples` problems of a split."""
   examples = sources.load_examples(run.config.data, split)
@@ -187,7 +200,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   batcher = pipeline.SFTBatcher(
-      sources.load_examples(config.data, "train"), run.tokenizer, train.batch_size,
+      train_examples(config.data), run.tokenizer, train.batch_size,
       config.data.seq_len, seed=config.data.seed, with_cot=config.data.with_cot,
       pack=config.data.pack)
   batch_sharding = sharding_lib.batch_sharding(run.mesh, run.rules)
