@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   # `*` step is written off by one, so the warm-started model slips the same way and RL
   # has something real to fix (measured: README.md, Results).
   c.data.cot_slip_rate = 0.6
-  c.train.num_steps = 500  # SFT steps of the warm start.
+  c.train.num_steps = 800  # SFT steps of the warm start.
   c.train.eval_every = 0  # No periodic evaluation during the warm start.
   c.train.checkpoint_every = 50
 
