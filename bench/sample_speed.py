@@ -25,13 +25,13 @@ vocabulary: argmax never picks it), transformers `eos_token_id=None` with
                 lists), blocked on the tokens.
   transformers: `model.generate(input_ids, attention_mask, do_sample=False, ...)`.
 
-Each side makes one untimed call first (o3lite: a full call, which compiles: compile time
-is reported as that call minus the best call; transformers: a 4-token call), then up to
-`--repeats` timed calls (none started once they took `--time_budget` seconds); the best
-gives tokens/s = batch * new tokens / time (prefill included). The prefill alone is timed
-too, so the decode steps get their own time per step. Correctness: every row's o3lite
-tokens against transformers' (fraction of identical rows and of equal tokens; random
-models have near-ties, so this is reported, not asserted), plus the max |logit
+Each side warms up untimed first (o3lite: ahead-of-time compilation of prefill and decode,
+timed and reported as the compile time, then a full call; transformers: a 4-token call),
+then up to `--repeats` timed calls (none started once they took `--time_budget` seconds);
+the best gives tokens/s = batch * new tokens / time (prefill included). The prefill alone
+is timed too, so the decode steps get their own time per step. Correctness: every row's
+o3lite tokens against transformers' (fraction of identical rows and of equal tokens;
+random models have near-ties, so this is reported, not asserted), plus the max |logit
 difference| of one forward on the prompts.
 
 Roofline: the machine's fp32 matmul peak (best jitted `jnp.dot` of two 2048 x 2048
@@ -194,8 +194,12 @@ def hf_model(torch, transformers, cfg: model_lib.ModelConfig, params, max_len: i
   return model
 
 
-def o3lite_runner(params, cfg, prompt_BxP: np.ndarray, new: int):
-  """(generate() -> tokens, prefill() -> None, warmup=None) on o3lite's jitted sampler."""
+def o3lite_runner(params, cfg, prompt_BxP: np.ndarray, new: int, compile_s: dict):
+  """(generate() -> tokens, prefill() -> None, warmup() -> None) on o3lite's sampler.
+
+  The warmup compiles both functions ahead of time (into the jit cache the calls use),
+  recording the seconds in `compile_s["seconds"]`, then makes one full call.
+  """
   scfg = sampling.SamplingConfig(max_new_tokens=new, eos_id=-1, pad_id=0)
   prompt = jnp.asarray(prompt_BxP)
   lengths = jnp.full((prompt_BxP.shape[0],), prompt_BxP.shape[1], jnp.int32)
@@ -209,7 +213,15 @@ def o3lite_runner(params, cfg, prompt_BxP: np.ndarray, new: int):
     state = sampling.decode(params, state, cfg, scfg)
     return np.asarray(state.tokens_BxN)
 
-  return generate, prefill, None  # The warmup is a full call: it compiles both shapes.
+  def warmup():
+    start = time.perf_counter()
+    sampling.prefill.lower(params, prompt, lengths, rng, cfg, scfg).compile()
+    state = jax.eval_shape(lambda: sampling.prefill(params, prompt, lengths, rng, cfg, scfg))
+    sampling.decode.lower(params, state, cfg, scfg).compile()
+    compile_s["seconds"] = time.perf_counter() - start
+    generate()
+
+  return generate, prefill, warmup
 
 
 def hf_runner(torch, model, prompt_BxP: np.ndarray, new: int):
@@ -230,20 +242,40 @@ def hf_runner(torch, model, prompt_BxP: np.ndarray, new: int):
   return generate, prefill, lambda: generate(min(new, 4))
 
 
-def time_side(generate, prefill, repeats: int, budget_s: float, warmup=None) -> dict:
-  """Times `generate` after one untimed `warmup` call (default: `generate` itself)."""
+def cpu_seconds() -> tuple[float, float] | None:
+  """(CPU seconds all processes have used, CPU seconds this one has), or None off Linux."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  busy = sum(fields[:8]) - fields[3] - fields[4]  # All but idle and iowait.
+  own = os.times()
+  return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def time_side(generate, prefill, repeats: int, budget_s: float, warmup) -> dict:
+  """Times `generate` after one untimed `warmup` call.
+
+  `other_cpu_cores`: CPU cores other processes used on average during the timed calls and
+  prefills (from /proc/stat less this process's own time); well above 0: skewed timings.
+  """
   start = time.perf_counter()
-  (warmup or generate)()  # o3lite: compiles. transformers: a short call warms torch up.
+  warmup()  # o3lite: compiles, then a full call. transformers: a short call.
   first = time.perf_counter() - start
   seconds, tokens = [], None
+  cpu_before, wall_start = cpu_seconds(), time.perf_counter()
   while len(seconds) < repeats and sum(seconds) < budget_s:
     start = time.perf_counter()
     tokens = generate()
     seconds.append(time.perf_counter() - start)
   prefill_s = best_seconds(prefill, len(seconds))
+  cpu_after, wall, other = cpu_seconds(), time.perf_counter() - wall_start, None
+  if cpu_before and cpu_after:
+    other = max(0.0, (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])) / wall
   return {"tokens": tokens, "first_call_seconds": first, "seconds": seconds,
           "best_seconds": min(seconds), "median_seconds": statistics.median(seconds),
-          "prefill_seconds": prefill_s}
+          "prefill_seconds": prefill_s, "other_cpu_cores": other}
 
 
 def compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
@@ -263,6 +295,10 @@ def logit_diff(torch, model, params, cfg, prompt_BxP: np.ndarray) -> float:
   return float(np.abs(np.asarray(ours) - theirs).max())
 
 
+def fmt_cores(cores: float | None) -> str:
+  return "?" if cores is None else f"{cores:.2f}"
+
+
 def run_case(name, torch, transformers, cfg, params, B, P, new, repeats, budget_s, peak,
              bandwidth):
   num_params = model_lib.count_params(params)
@@ -272,9 +308,9 @@ def run_case(name, torch, transformers, cfg, params, B, P, new, repeats, budget_
   if hf_params != num_params:
     raise RuntimeError(f"parameter counts differ: {num_params} (o3lite) vs {hf_params}")
   load = os.getloadavg()[0]
-  sides = {}
+  sides, compile_s = {}, {}
   for side, (generate, prefill, warmup) in [
-      ("o3lite", o3lite_runner(params, cfg, prompt_BxP, new)),
+      ("o3lite", o3lite_runner(params, cfg, prompt_BxP, new, compile_s)),
       ("transformers", hf_runner(torch, model, prompt_BxP, new)),
   ]:
     sides[side] = time_side(generate, prefill, repeats, budget_s, warmup)
@@ -285,15 +321,15 @@ def run_case(name, torch, transformers, cfg, params, B, P, new, repeats, budget_
     s["decode_ms_per_step"] = (s["best_seconds"] - s["prefill_seconds"]) / (new - 1) * 1e3
     print(f"  {side}: best {s['best_seconds']:.3f} s (median {s['median_seconds']:.3f}), "
           f"{len(s['seconds'])} calls, warmup {s['first_call_seconds']:.2f} s, prefill "
-          f"{s['prefill_seconds'] * 1e3:.1f} ms, {s['tokens_per_second']:,.0f} tok/s",
-          flush=True)
+          f"{s['prefill_seconds'] * 1e3:.1f} ms, {s['tokens_per_second']:,.0f} tok/s, "
+          f"other processes {fmt_cores(s['other_cpu_cores'])} cores", flush=True)
   match = compare(sides["o3lite"].pop("tokens"), sides["transformers"].pop("tokens"))
   match["max_abs_logit_diff"] = logit_diff(torch, model, params, cfg, prompt_BxP)
   ideal = roofline(cfg, num_params, B, P, new, peak, bandwidth)
   for s in sides.values():
     s["roofline_fraction"] = ideal["ideal_seconds"] / s["best_seconds"]
   o3, th = sides["o3lite"], sides["transformers"]
-  o3["compile_seconds"] = o3["first_call_seconds"] - o3["best_seconds"]
+  o3["compile_seconds"] = compile_s["seconds"]  # Tracing, lowering and XLA compilation.
   del model
   gc.collect()
   return {"case": name, "model": dataclasses.asdict(cfg), "parameters": num_params,
@@ -358,7 +394,8 @@ def main(argv):
           for r in results]
   print(common.markdown_table(headers, rows))
   headers = ["case", "o3lite compile", "o3lite prefill", "tf prefill", "o3lite decode/step",
-             "tf decode/step", "ideal", "max abs logit diff", "distinct tokens"]
+             "tf decode/step", "ideal", "max abs logit diff", "distinct tokens",
+             "other load (o3lite / tf)"]
   rows = [[r["case"], f"{r['o3lite']['compile_seconds']:.1f} s",
            f"{r['o3lite']['prefill_seconds'] * 1e3:.1f} ms",
            f"{r['transformers']['prefill_seconds'] * 1e3:.1f} ms",
@@ -366,7 +403,9 @@ def main(argv):
              if r[side]["decode_ms_per_step"] > 0 else "n/a (noise)"
              for side in ("o3lite", "transformers")],
            f"{r['roofline']['ideal_seconds'] * 1e3:.0f} ms",
-           f"{r['match']['max_abs_logit_diff']:.1e}", r["match"]["distinct_tokens_generated"]]
+           f"{r['match']['max_abs_logit_diff']:.1e}", r["match"]["distinct_tokens_generated"],
+           f"{fmt_cores(r['o3lite']['other_cpu_cores'])} / "
+           f"{fmt_cores(r['transformers']['other_cpu_cores'])} cores"]
           for r in results]
   print()
   print(common.markdown_table(headers, rows))
@@ -376,6 +415,12 @@ def main(argv):
         f"{torch.get_num_threads()} threads; peak "
         f"{peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; load average "
         f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end (1 min).")
+  busiest = max((r[side]["other_cpu_cores"] or 0.0) for r in results
+                for side in ("o3lite", "transformers"))
+  if busiest > 0.2:
+    print(f"WARNING: other processes used up to {busiest:.2f} of {os.cpu_count()} cores "
+          "while this ran: the timings are skewed (torch's threads far more than XLA's). "
+          "Measure on an idle machine.")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl = ml_collections.ConfigDict()
   c.rl.sft_init = ""  # Run folder of an SFT run to start from; "" = warm start in DIR/sft.
   c.rl.init_from_hf = ""  # Or a local HF Llama / Qwen2 folder to start from (no warm start).
-  c.rl.num_steps = 200  # RL steps (sample, score, update).
+  c.rl.num_steps = 100  # RL steps (sample, score, update).
   c.rl.prompts_per_step = 32  # Training prompts sampled per step.
   c.rl.group_size = 8  # Completions per prompt.
   c.rl.max_prompt_len = 32  # Prompts are padded to this many tokens (one compile).
