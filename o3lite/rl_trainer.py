@@ -284,7 +284,7 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = pipeline.rollout_batch(prompts, completions, finished, seq_len, tok.eos_id,
                                    tok.pad_id)
     placed = sharding_lib.put_global_batch(batch, batch_sharding)
-    scored = jax.device_get(score_fn(state, placed))
+    scored = sharding_lib.to_host(score_fn(state, placed))
     mask = batch["mask"]
 
     # Sampler vs learner log-probs of the same tokens (EOS excluded: the sampler does

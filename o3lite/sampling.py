@@ -226,7 +226,7 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
       state = prefill(params, prompt_BxP, prompt_len_B,
                       jax.random.fold_in(rng, chunk_index), model_cfg, sampling_cfg)
       state = decode(params, state, model_cfg, sampling_cfg)
-    tokens, logprobs = jax.device_get((state.tokens_BxN, state.logprobs_BxN))
+    tokens, logprobs = sharding_lib.to_host((state.tokens_BxN, state.logprobs_BxN))
     S = sampling_cfg.num_samples
     for i in range(len(chunk)):
       samples = []

@@ -123,3 +123,11 @@ def put_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):
   """Place a batch that every process holds whole onto the mesh (multi-process safe)."""
   return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
           for k, v in batch.items()}
+
+
+def to_host(tree):
+  """Numpy copies of (possibly batch-sharded) global arrays, whole on every process."""
+  if jax.process_count() > 1:  # Some rows live on other hosts' devices.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)

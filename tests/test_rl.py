@@ -93,8 +93,9 @@ def _metrics(workdir):
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
+  extra = {"rl.dynamic_sampling": True} if advantage == "grpo" else {}
   config = _config_like(tiny_run, **{"rl.advantage": advantage, "rl.kl_coef": 0.1,
-                                     "mesh.shape": (4, 2, 1)})
+                                     "mesh.shape": (4, 2, 1), **extra})
   workdir = str(tmp_path / advantage)
   result = rl_trainer.run_rl(config, workdir)
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -111,6 +112,10 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
     assert {"reward", "accuracy", "response_length", "kl_to_reference", "entropy",
             "clip_fraction", "grad_norm", "advantage_std"} <= set(m)
     assert ("explained_variance" in m) == ("value_loss" in m) == (advantage == "gae")
+    if advantage == "grpo":  # DAPO: dropped groups are counted and refilled (<= 3 rounds).
+      assert 1 <= m["sampling_rounds"] <= 3
+      # Another round only starts while fewer than 8 groups have been kept.
+      assert m["dropped_groups"] > 8 * (m["sampling_rounds"] - 2)
   run = rl_trainer.setup(config, workdir, tiny_run)
   state, _ = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1,
                                          None).restore(run.abstract_state)
