@@ -113,7 +113,9 @@ class ModelConfig:
 
 def init_cache(config: ModelConfig, batch_size: int, cache_len: int) -> Cache:
   """An empty KV cache with `cache_len` slots per sequence."""
-  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  # Head-major [B, K, S, H]: attention reads each head's keys contiguously, with no
+  # transpose of the whole cache at every decode step.
+  shape = (batch_size, config.num_kv_heads, cache_len, config.head_dim)
   layer = lambda: {"k": jnp.zeros(shape, config.compute_dtype),
                    "v": jnp.zeros(shape, config.compute_dtype)}
   return {
@@ -197,20 +199,22 @@ class Attention(nn.Module):
     q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
     k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
 
+    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
     if layer_cache is None:  # Keys are the input tokens themselves.
-      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+      k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
     else:  # Write the new keys at the cache index, then attend over all slots.
       index = q_slot_BxT[0, 0]
-      k_BxSxKxH = jax.lax.dynamic_update_slice(
-          layer_cache["k"], k_BxTxKxH.astype(layer_cache["k"].dtype), (0, index, 0, 0))
-      v_BxSxKxH = jax.lax.dynamic_update_slice(
-          layer_cache["v"], v_BxTxKxH.astype(layer_cache["v"].dtype), (0, index, 0, 0))
-      new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+      k_BxKxSxH = jax.lax.dynamic_update_slice(
+          layer_cache["k"], k_BxKxTxH.astype(layer_cache["k"].dtype), (0, 0, index, 0))
+      v_BxKxSxH = jax.lax.dynamic_update_slice(
+          layer_cache["v"], v_BxKxTxH.astype(layer_cache["v"].dtype), (0, 0, index, 0))
+      new_cache = {"k": k_BxKxSxH, "v": v_BxKxSxH}
 
-    B, T, S = x_BxTxD.shape[0], x_BxTxD.shape[1], k_BxSxKxH.shape[1]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH,
-                                  k_BxSxKxH.astype(dt)).astype(jnp.float32)
+    B, T, S = x_BxTxD.shape[0], x_BxTxD.shape[1], k_BxKxSxH.shape[2]
+    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    logits_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH,
+                                  k_BxKxSxH.astype(dt)).astype(jnp.float32)
     logits_BxKxGxTxS *= H ** -0.5
     k_slot_S = jnp.arange(S)
     mask_BxTxS = ((k_slot_S[None, None, :] <= q_slot_BxT[:, :, None])
@@ -218,8 +222,8 @@ class Attention(nn.Module):
                   & (k_segment_BxS[:, None, :] != 0))
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
     probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH.astype(dt))
-    out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
+    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, v_BxKxSxH.astype(dt))
+    out_BxTxNxH = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dt))
     return out_BxTxD, new_cache
 
