@@ -20,15 +20,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from o3lite import algorithms as alg
 from o3lite import model as model_lib
 from o3lite import sharding as sharding_lib
+from o3lite import train_state as train_state_lib
 
 Batch = dict[str, jax.Array]
 
@@ -60,16 +60,8 @@ def _boxed_state(model_cfg, tx, value_tx, use_critic: bool, policy=None):
 def state_shardings(model_cfg, tx, value_tx, use_critic: bool, mesh: Mesh, rules
                     ) -> tuple[Any, Any]:
   """(abstract unboxed RLState, its NamedSharding tree), allocating nothing."""
-  boxed = jax.eval_shape(lambda: _boxed_state(model_cfg, tx, value_tx, use_critic))
-  sharding_lib.check_divisible(boxed, mesh, rules)
-  shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  shardings = jax.tree_util.tree_map(
-      lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P()),
-      shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, P)) or x is None)
-  abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      nn.unbox(boxed), shardings)
-  return abstract, shardings
+  return train_state_lib.abstract_and_shardings(
+      lambda: _boxed_state(model_cfg, tx, value_tx, use_critic), mesh, rules)
 
 
 def create_state(policy_params, model_cfg, tx, value_tx, use_critic: bool, shardings,

@@ -100,11 +100,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, sft_dir: str) -> RLRu
   algo = algo_config(rl_cfg)
   if rl_cfg.init_from_hf:  # The checkpoint's own tokenizer and shape.
     tokenizer = tokenizer_lib.HFTokenizer(sft_dir)
-    with open(os.path.join(sft_dir, hf.CONFIG_FILE)) as f:
-      model_cfg = hf.model_config_from_hf(json.load(f), dtype=config.model.dtype,
-                                          remat=config.model.remat)
-    model_cfg = dataclasses.replace(
-        model_cfg, vocab_size=max(model_cfg.vocab_size, tokenizer.vocab_size))
+    model_cfg = trainer.hf_model_config(sft_dir, config.model, tokenizer.vocab_size)
   else:
     tokenizer = tokenizer_lib.get_tokenizer(ml_collections.ConfigDict(
         {"tokenizer": tokenizer_lib.saved_path(os.path.join(sft_dir, "tokenizer"))}))
@@ -137,24 +133,23 @@ class PromptStream:
       raise ValueError(f"a training prompt has {longest} tokens; rl.max_prompt_len is "
                        f"{max_prompt_len}")
     self.seed = seed
+    self._epoch, self._order = -1, None  # The current epoch's permutation, drawn once.
 
   def take(self, position: int, n: int) -> tuple[list[int], int]:
     indices = []
     N = len(self.examples)
     for p in range(position, position + n):
       epoch, i = divmod(p, N)
-      order = np.random.default_rng([self.seed, epoch]).permutation(N)
-      indices.append(int(order[i]))
+      if epoch != self._epoch:
+        self._epoch = epoch
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(N)
+      indices.append(int(self._order[i]))
     return indices, position + n
 
 
 def _evaluate(run: RLRun, params, name: str) -> dict[str, Any]:
   cfg = run.config
-  examples = sources.load_examples(cfg.data, cfg.eval.split)
-  examples = [examples[i] for i in range(min(cfg.eval.num_examples, len(examples)))]
-  metrics, samples = evaluation.evaluate(
-      params, run.model_cfg, examples, run.tokenizer, sources.get_checker(cfg.data),
-      cfg.eval, cfg.eval.split, run.mesh, run.rules)
+  metrics, samples = trainer.evaluate(run, params, cfg.eval.split, cfg.eval.num_examples)
   if jax.process_index() == 0:
     evaluation.write_eval(run.workdir, metrics, samples, name=name)
   return metrics

@@ -38,7 +38,13 @@ def _init_boxed(model_cfg: model_lib.ModelConfig, tx: optax.GradientTransformati
 
 def state_shardings(model_cfg, tx, mesh: Mesh, rules) -> tuple[Any, Any]:
   """(abstract unboxed state, NamedSharding tree) without allocating anything."""
-  abstract_boxed = jax.eval_shape(lambda: _init_boxed(model_cfg, tx, 0))
+  return abstract_and_shardings(lambda: _init_boxed(model_cfg, tx, 0), mesh, rules)
+
+
+def abstract_and_shardings(init_boxed, mesh: Mesh, rules) -> tuple[Any, Any]:
+  """(abstract unboxed pytree, NamedSharding tree) of what `init_boxed()` would build
+  (a pytree of logically partitioned values), without allocating it."""
+  abstract_boxed = jax.eval_shape(init_boxed)
   sharding_lib.check_divisible(abstract_boxed, mesh, rules)
   logical_specs = nn.get_partition_spec(abstract_boxed)
   shardings = sharding_lib.logical_to_sharding(logical_specs, mesh, rules)

@@ -60,16 +60,15 @@ class Run:
   state_shardings: Any
 
 
-def _hf_model_config(config: ml_collections.ConfigDict, vocab_size: int
-                     ) -> model_lib.ModelConfig:
-  """The shape of the `train.init_from_hf` checkpoint; dtype and remat from `model`."""
-  path = config.train.init_from_hf
+def hf_model_config(path: str, model_fields, vocab_size: int) -> model_lib.ModelConfig:
+  """The shape of the Hugging Face checkpoint in `path`, with dtype and remat from the
+  run config's `model` section and room for the tokenizer's `vocab_size` tokens."""
   config_file = os.path.join(path, hf.CONFIG_FILE)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"train.init_from_hf={path}: no {hf.CONFIG_FILE} there")
+    raise FileNotFoundError(f"{path}: no {hf.CONFIG_FILE} there")
   with open(config_file) as f:
-    cfg = hf.model_config_from_hf(json.load(f), dtype=config.model.dtype,
-                                  remat=config.model.remat)
+    cfg = hf.model_config_from_hf(json.load(f), dtype=model_fields.dtype,
+                                  remat=model_fields.remat)
   return dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
 
 
@@ -97,7 +96,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     multihost_utils.sync_global_devices("o3lite: data prepared")
   tokenizer = _get_tokenizer(config)
   if model_cfg is None and config.train.init_from_hf:
-    model_cfg = _hf_model_config(config, tokenizer.vocab_size)
+    model_cfg = hf_model_config(config.train.init_from_hf, config.model,
+                                tokenizer.vocab_size)
   elif model_cfg is None:
     model_cfg = model_config_from(config.model, tokenizer.vocab_size)
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape)
