@@ -15,7 +15,9 @@ from o3lite.data import builders
 from o3lite.data import pipeline
 from o3lite.data import sources
 
-GSM8K = "/work/shared/data/gsm8k"
+# ../shared/data/gsm8k beside the repository, wherever it is cloned.
+GSM8K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     os.pardir, "shared", "data", "gsm8k")
 SIZES = {"train": 120, "validation": 30, "test": 30}
 
 
