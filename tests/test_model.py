@@ -120,3 +120,27 @@ def test_remat_gives_the_same_gradients():
   g2 = jax.grad(loss)(params, remat_cfg)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,num_in,w_transposed,spec", [
+    ((2, 3, 4), (4, 6), 1, False, "btd,df->btf"),
+    ((2, 3, 4), (4, 2, 5), 1, False, "btd,dnh->btnh"),
+    ((2, 3, 2, 5), (2, 5, 4), 2, False, "btnh,nhd->btd"),
+    ((2, 3, 4), (7, 4), 1, True, "btd,vd->btv"),
+])
+def test_dense_values_and_gradients_match_einsum(x_shape, w_shape, num_in, w_transposed,
+                                                spec):
+  """The hand-written backward pass of `dense` is autodiff's of the einsum."""
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape)
+  out_shape = jnp.einsum(spec, x, w).shape
+  cotangent = jax.random.normal(kc, out_shape)
+  ours = lambda x, w: jnp.sum(
+      model_lib.dense(x, w, num_in, w_transposed) * cotangent)
+  reference = lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * cotangent)
+  np.testing.assert_allclose(model_lib.dense(x, w, num_in, w_transposed),
+                             jnp.einsum(spec, x, w), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
