@@ -9,7 +9,7 @@ The KV cache is an explicit pytree passed in and returned (never module state):
   cache = {
     "index": int32 scalar,                 # next slot to write, shared by the batch
     "segment_ids": int32[B, S],            # 0 = empty slot, else the token's segment id
-    "layers": [{"k": [B, S, K, H], "v": [B, S, K, H]}, ...],
+    "layers": [{"k": [B, K, S, H], "v": [B, K, S, H]}, ...],  # head-major
   }
 
 One attention path serves training (no cache: keys are the T input tokens, with packing
@@ -229,6 +229,7 @@ def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
 
 class Attention(nn.Module):
   config: ModelConfig
+  fresh_cache: bool = False  # See `Transformer.__call__`.
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT,
@@ -256,6 +257,11 @@ class Attention(nn.Module):
     v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
     if layer_cache is None:  # Keys are the input tokens themselves.
       k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
+    elif self.fresh_cache:  # Empty cache: attend over the inputs, store them at slot 0.
+      k_BxKxSxH, v_BxKxSxH = k_BxKxTxH, v_BxKxTxH
+      new_cache = {name: jax.lax.dynamic_update_slice(
+          layer_cache[name], new.astype(layer_cache[name].dtype), (0, 0, 0, 0))
+                   for name, new in (("k", k_BxKxTxH), ("v", v_BxKxTxH))}
     else:  # Write the new keys at the cache index, then attend over all slots.
       index = q_slot_BxT[0, 0]
       k_BxKxSxH = jax.lax.dynamic_update_slice(
@@ -301,13 +307,14 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   config: ModelConfig
+  fresh_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS,
                layer_cache):
     cfg = self.config
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD)
-    h, new_cache = Attention(cfg, name="attn")(
+    h, new_cache = Attention(cfg, self.fresh_cache, name="attn")(
         h, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
     x_BxTxD = x_BxTxD + h
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD)
@@ -324,7 +331,12 @@ class Transformer(nn.Module):
   hidden: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None):
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None,
+               fresh_cache: bool = False, logits_index_B=None):
+    """`fresh_cache=True` promises an empty `cache` (index 0), as in a sampler's prefill:
+    queries then attend over the T input tokens only (not all the cache's slots) and
+    their keys are stored in slots [0, T). `logits_index_B` (int32 [B]) computes the
+    logits at that one position per row only: [B, 1, V] (a prefill needs no others)."""
     cfg = self.config
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
@@ -334,7 +346,9 @@ class Transformer(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "activation_embed"))
 
     T = tokens_BxT.shape[1]
-    if cache is None:
+    if fresh_cache and cache is None:
+      raise ValueError("fresh_cache=True needs a cache to fill")
+    if cache is None or fresh_cache:
       q_slot_BxT = jnp.broadcast_to(jnp.arange(T)[None], tokens_BxT.shape)
       k_segment_BxS = segment_ids_BxT
     else:
@@ -347,9 +361,11 @@ class Transformer(nn.Module):
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x_BxTxD, new_layer = block_cls(cfg, name=f"layer_{i}")(
+      x_BxTxD, new_layer = block_cls(cfg, fresh_cache, name=f"layer_{i}")(
           x_BxTxD, positions_BxT, segment_ids_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
       new_layers.append(new_layer)
+    if logits_index_B is not None:
+      x_BxTxD = jnp.take_along_axis(x_BxTxD, logits_index_B[:, None, None], axis=1)
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
 
     if not cfg.tie_embeddings:  # Declared even with `hidden`: one tree for both uses.
@@ -367,6 +383,9 @@ class Transformer(nn.Module):
 
     if cache is None:
       return logits_BxTxV, None
+    if fresh_cache:
+      k_segment_BxS = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, 0))
     new_cache = {"index": cache["index"] + T, "segment_ids": k_segment_BxS,
                  "layers": new_layers}
     return logits_BxTxV, new_cache

@@ -12,6 +12,8 @@ KV cache, with the cache donated.
 - Thinking budget (budget forcing, s1): after `think_budget` tokens without `</think>`,
   `</think>` is forced and the answer follows; `min_think` suppresses an early `</think>`
   (and EOS) so the model thinks longer.
+- The cache grows `decode_segment` slots at a time, so attention reads about the filled
+  part of it; the prefill attends over the prompt only and projects its last token only.
 - Deterministic for a given key: token t of every sequence uses `fold_in(key, t)`.
 
 The sampler reads the very parameter arrays the learner trains (no copy, no sync).
@@ -23,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 from typing import Sequence
+import warnings
 
 import flax.struct
 import jax
@@ -50,13 +53,18 @@ class SamplingConfig:
   think_end_id: int = -1  # Token id of `</think>`; needed by the two settings below.
   think_budget: int = 0  # Force `</think>` after this many thinking tokens; 0 = no cap.
   min_think: int = 0  # Forbid `</think>` and EOS before this many thinking tokens.
+  # The KV cache grows by this many slots at a time during decoding, so attention reads
+  # about the filled part only; each segment is one more loop in the compiled program.
+  # 0 = one segment (the whole cache from the start).
+  decode_segment: int = 32
 
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"invalid sampling settings: temperature={self.temperature}, "
                        f"top_k={self.top_k}, top_p={self.top_p}")
-    if self.num_samples < 1 or self.max_new_tokens < 1:
-      raise ValueError("num_samples and max_new_tokens must be at least 1")
+    if self.num_samples < 1 or self.max_new_tokens < 1 or self.decode_segment < 0:
+      raise ValueError("num_samples and max_new_tokens must be at least 1, "
+                       "decode_segment at least 0")
     if (self.think_budget or self.min_think) and self.think_end_id < 0:
       raise ValueError("think_budget / min_think need think_end_id")
 
@@ -119,12 +127,15 @@ def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Arr
   """
   B, P = prompt_BxP.shape
   N, S = sampling_cfg.max_new_tokens, sampling_cfg.num_samples
-  cache = model_lib.init_cache(model_cfg, B, P + N)
+  # Slots for the prompt and decode's first segment; `decode` grows it for later ones.
+  cache = model_lib.init_cache(model_cfg, B, P + _segment_ends(sampling_cfg)[0] - 1)
   positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   segments_BxP = (positions_BxP < prompt_len_B[:, None]).astype(jnp.int32)
-  logits_BxPxV, cache = model_lib.Transformer(model_cfg).apply(
-      {"params": params}, prompt_BxP, positions_BxP, segments_BxP, cache)
-  last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  # The cache is empty: the prompt attends over itself only; logits at its last token.
+  logits_Bx1xV, cache = model_lib.Transformer(model_cfg).apply(
+      {"params": params}, prompt_BxP, positions_BxP, segments_BxP, cache,
+      fresh_cache=True, logits_index_B=prompt_len_B - 1)
+  last_BxV = logits_Bx1xV[:, 0]
   if S > 1:
     repeat = lambda x: jnp.repeat(x, S, axis=0) if x.ndim else x
     cache = jax.tree_util.tree_map(repeat, cache)
@@ -146,12 +157,19 @@ def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Arr
                    donate_argnames=("state",))
 def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
            sampling_cfg: SamplingConfig) -> SamplingState:
-  """Decode one token at a time until every sequence is done or the cap is reached."""
+  """Decode one token at a time until every sequence is done or the cap is reached.
+
+  `state` comes from `prefill`. The token fed at step s goes to cache slot P + s - 1, so
+  the steps [1, end) of a segment need P + end - 1 slots: before each later segment the
+  cache is zero-padded to that (one copy per segment), and attention in the segment reads
+  those slots only instead of all P + N - 1 from the first step. The donated cache is
+  updated in place when there is one segment; with several, the donated first-segment
+  cache cannot be the (larger) output's buffer, and JAX says so in a warning.
+  """
   model = model_lib.Transformer(model_cfg)
   N, cfg = sampling_cfg.max_new_tokens, sampling_cfg
-
-  def cond(s: SamplingState):
-    return (s.step < N) & ~jnp.all(s.done_B)
+  ends = _segment_ends(cfg)
+  prompt_slots = state.cache["segment_ids"].shape[1] - (ends[0] - 1)
 
   def body(s: SamplingState):
     logits_Bx1xV, cache = model.apply(
@@ -168,7 +186,30 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
         done_B=s.done_B | (next_B == cfg.eos_id),
         thinking_B=s.thinking_B & (next_B != cfg.think_end_id), cache=cache)
 
-  return jax.lax.while_loop(cond, body, state)
+  for end in ends:
+    cache = _grow_cache(state.cache, prompt_slots + end - 1)
+    state = jax.lax.while_loop(
+        lambda s, end=end: (s.step < end) & ~jnp.all(s.done_B), body,
+        state.replace(cache=cache))
+  return state
+
+
+def _segment_ends(cfg: SamplingConfig) -> list[int]:
+  """The (exclusive) last step of each decode segment: [seg, 2 seg, ..., N]."""
+  N, segment = cfg.max_new_tokens, cfg.decode_segment or cfg.max_new_tokens
+  return [*range(segment, N, segment), N]
+
+
+def _grow_cache(cache: model_lib.Cache, slots: int) -> model_lib.Cache:
+  """The cache zero-padded (empty slots, segment id 0) to `slots` slots."""
+  extra = slots - cache["segment_ids"].shape[1]
+  if extra <= 0:
+    return cache
+  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
+  return {"index": cache["index"],
+          "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, extra))),
+          "layers": [{name: pad_kv(x) for name, x in layer.items()}
+                     for layer in cache["layers"]]}
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int,
@@ -225,7 +266,9 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
     with context():
       state = prefill(params, prompt_BxP, prompt_len_B,
                       jax.random.fold_in(rng, chunk_index), model_cfg, sampling_cfg)
-      state = decode(params, state, model_cfg, sampling_cfg)
+      with warnings.catch_warnings():  # Expected with several segments: see `decode`.
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        state = decode(params, state, model_cfg, sampling_cfg)
     tokens, logprobs = sharding_lib.to_host((state.tokens_BxN, state.logprobs_BxN))
     S = sampling_cfg.num_samples
     for i in range(len(chunk)):

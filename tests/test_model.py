@@ -60,6 +60,36 @@ def test_cached_decoding_matches_full_forward(overrides):
   assert np.abs(np.asarray(full[:, 1:] - full[:, :1])).max() > 1e-2  # Not degenerate.
 
 
+def test_fresh_cache_prefill_matches_the_general_cached_path():
+  """A prefill into an empty cache that attends over the prompt only, with logits at one
+  position per row, gives that position's logits and the same cache (padded prompts)."""
+  cfg, params = _random_model(num_kv_heads=4)
+  model = model_lib.Transformer(cfg)
+  B, P = 3, 8
+  tokens = jax.random.randint(jax.random.key(1), (B, P), 0, cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+  lengths = jnp.array([8, 5, 1])
+  segments = (positions < lengths[:, None]).astype(jnp.int32)
+  general, general_cache = model.apply({"params": params}, tokens, positions, segments,
+                                       model_lib.init_cache(cfg, B, P + 4))
+  fresh, fresh_cache = model.apply({"params": params}, tokens, positions, segments,
+                                   model_lib.init_cache(cfg, B, P + 4), fresh_cache=True,
+                                   logits_index_B=lengths - 1)
+  assert fresh.shape == (B, 1, cfg.vocab_size)
+  np.testing.assert_allclose(fresh[:, 0], general[jnp.arange(B), lengths - 1],
+                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(fresh_cache["segment_ids"], general_cache["segment_ids"])
+  assert int(fresh_cache["index"]) == int(general_cache["index"]) == P
+  # Keys and values of real tokens agree; padded slots (segment 0) are never attended.
+  valid_Bx1xSx1 = (general_cache["segment_ids"] != 0)[:, None, :, None]
+  for got, want in zip(jax.tree_util.tree_leaves(fresh_cache["layers"]),
+                       jax.tree_util.tree_leaves(general_cache["layers"])):
+    np.testing.assert_allclose(np.where(valid_Bx1xSx1, got, 0),
+                               np.where(valid_Bx1xSx1, want, 0), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="fresh_cache"):
+    model.apply({"params": params}, tokens, positions, segments, fresh_cache=True)
+
+
 def test_model_is_causal():
   cfg, params = _random_model()
   model = model_lib.Transformer(cfg)
