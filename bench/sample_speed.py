@@ -43,6 +43,10 @@ bytes are the parameters read once per step plus the KV cache read (the filled p
 context = prompt + tokens so far). "bound" names the larger of the two sums; the
 roofline fraction is ideal time / measured time. The tiny model (17 MB) fits in L3, so
 its memory term is pessimistic; it is an estimate, not a ceiling.
+"matmuls alone/step" is the best time of one decode step's projections as plain
+`jnp.dot`s of `batch` rows, chained in one jitted function with nothing else
+(`matmul_only_step`): what XLA:CPU's own matmul kernels need per step, below which no
+sampler change can go.
 Prints Markdown tables and writes `bench/results/sample_speed.json`.
 """
 
@@ -142,6 +146,33 @@ def matmul_weights(cfg: model_lib.ModelConfig) -> tuple[int, int]:
   D, N, K, H, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   return cfg.num_layers * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F), \
       D * cfg.vocab_size
+
+
+def matmul_only_step(cfg: model_lib.ModelConfig, B: int, repeats: int) -> float:
+  """Best seconds of one decode step's matmuls alone, on this machine's XLA:CPU kernels.
+
+  The model's projections (q, k, v, o, gate, up, down per layer, then the output
+  projection) as plain `jnp.dot`s of B rows, chained in one jitted function, nothing
+  else: no attention, norms or sampling. A decode step cannot be faster than this with
+  XLA's own fp32 matmuls, so it bounds what any change to the sampler can reach.
+  """
+  D, N, K, H, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  shapes = [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]
+  keys = iter(jax.random.split(jax.random.key(0), len(shapes) * cfg.num_layers + 2))
+  layers = [[jax.random.normal(next(keys), shape) * 0.02 for shape in shapes]
+            for _ in range(cfg.num_layers)]
+  head = jax.random.normal(next(keys), (D, cfg.vocab_size)) * 0.02
+  x = jax.random.normal(next(keys), (B, D))
+
+  @jax.jit
+  def step(x, layers, head):
+    for wq, wk, wv, wo, wg, wu, wd in layers:
+      q, k, v = x @ wq, x @ wk, x @ wv  # k, v would go to the cache.
+      x = x + (q + jnp.tile(k + v, N // K)) @ wo
+      x = (x + ((x @ wg) * (x @ wu)) @ wd) * 0.5  # Keeps the values bounded.
+    return x @ head
+
+  return best_seconds(lambda: step(x, layers, head).block_until_ready(), repeats)
 
 
 def roofline(cfg: model_lib.ModelConfig, num_params: int, B: int, P: int, new: int,
@@ -329,6 +360,7 @@ def run_case(name, torch, transformers, cfg, params, B, P, new, repeats, budget_
   match = compare(sides["o3lite"].pop("tokens"), sides["transformers"].pop("tokens"))
   match["max_abs_logit_diff"] = logit_diff(torch, model, params, cfg, prompt_BxP)
   ideal = roofline(cfg, num_params, B, P, new, peak, bandwidth)
+  ideal["matmul_only_step_seconds"] = matmul_only_step(cfg, B, max(repeats, 10))
   for s in sides.values():
     s["roofline_fraction"] = ideal["ideal_seconds"] / s["best_seconds"]
   o3, th = sides["o3lite"], sides["transformers"]
@@ -397,7 +429,8 @@ def main(argv):
           for r in results]
   print(common.markdown_table(headers, rows))
   headers = ["case", "o3lite compile", "o3lite prefill", "tf prefill", "o3lite decode/step",
-             "tf decode/step", "ideal", "max abs logit diff", "distinct tokens",
+             "tf decode/step", "matmuls alone/step", "ideal", "max abs logit diff",
+             "distinct tokens",
              "other load (o3lite / tf)"]
   rows = [[r["case"], f"{r['o3lite']['compile_seconds']:.1f} s",
            f"{r['o3lite']['prefill_seconds'] * 1e3:.1f} ms",
@@ -405,6 +438,7 @@ def main(argv):
            *[f"{r[side]['decode_ms_per_step']:.2f} ms"
              if r[side]["decode_ms_per_step"] > 0 else "n/a (noise)"
              for side in ("o3lite", "transformers")],
+           f"{r['roofline']['matmul_only_step_seconds'] * 1e3:.2f} ms",
            f"{r['roofline']['ideal_seconds'] * 1e3:.0f} ms",
            f"{r['match']['max_abs_logit_diff']:.1e}", r["match"]["distinct_tokens_generated"],
            f"{fmt_cores(r['o3lite']['other_cpu_cores'])} / "
