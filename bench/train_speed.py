@@ -15,7 +15,8 @@ that stays on the device, so only the step is timed (no data pipeline, no host t
   torch:  `transformers.LlamaForCausalLM` (random init), logits -> cross-entropy,
           backward, `clip_grad_norm_(1.0)`, AdamW (decay on matrices only), zero_grad.
 
-Each side runs `--warmup` untimed steps (compilation), then `--steps` timed steps; the
+Each side runs `--warmup` untimed steps (compilation); then the two sides take turns, one
+timed step each, `--steps` times (so drift in the machine's speed hits both alike); the
 median step time gives tokens/s. The machine's fp32 matmul peak is the best of several
 jitted `jnp.dot`s of square matrices; MFU = analytic step FLOPs / step time / that peak.
 Prints a Markdown table and writes `bench/results/train_speed.json`.
@@ -125,15 +126,18 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict[str,
   }
 
 
-def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-  """(losses of the warmup steps, seconds of each timed step); `step()` must block."""
-  losses = [step() for _ in range(warmup)]
-  seconds = []
+def time_steps(steps_by_name: dict, warmup: int, steps: int) -> dict:
+  """{name: (losses of the warmup steps, seconds of each timed step)}; each `step()` must
+  block. The timed steps alternate between the frameworks, so a machine whose speed
+  drifts (a shared host, throttling) slows both alike instead of whichever ran second."""
+  losses = {name: [step() for _ in range(warmup)] for name, step in steps_by_name.items()}
+  seconds = {name: [] for name in steps_by_name}
   for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    seconds.append(time.perf_counter() - start)
-  return losses, seconds
+    for name, step in steps_by_name.items():
+      start = time.perf_counter()
+      step()
+      seconds[name].append(time.perf_counter() - start)
+  return {name: (losses[name], seconds[name]) for name in steps_by_name}
 
 
 def o3lite_runner(model_cfg, batch_np, total_steps: int):
@@ -229,13 +233,15 @@ def main(argv):
         f"torch.mm {torch_mm / 1e9:.1f} GFLOP/s", flush=True)
 
   total_steps = _WARMUP.value + _STEPS.value
+  runners = {
+      "o3lite (JAX)": o3lite_runner(model_cfg, batch_np, total_steps),
+      "transformers + torch": torch_runner(torch, transformers, model_cfg, batch_np),
+  }
+  timings = time_steps({name: step for name, (_, step) in runners.items()},
+                       _WARMUP.value, _STEPS.value)
   runs = []
-  for name, make in [
-      ("o3lite (JAX)", lambda: o3lite_runner(model_cfg, batch_np, total_steps)),
-      ("transformers + torch", lambda: torch_runner(torch, transformers, model_cfg, batch_np)),
-  ]:
-    num_params, step = make()
-    losses, seconds = time_steps(step, _WARMUP.value, _STEPS.value)
+  for name, (num_params, _) in runners.items():
+    losses, seconds = timings[name]
     runs.append(summarize(name, num_params, losses, seconds, tokens, flops, peak))
     print(f"{name}: median step {runs[-1]['median_step_seconds'] * 1e3:.1f} ms, "
           f"warmup losses {[round(x, 3) for x in losses]}", flush=True)
@@ -263,8 +269,8 @@ def main(argv):
   print(f"\nModelConfig.{_MODEL.value}(): {runs[0]['parameters']:,} parameters; "
         f"batch {B} x {T}; {flops / 1e9:.2f} GFLOP per step; fp32 matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s (jnp.dot {_MATMUL_SIZE.value}^3, best of "
-        f"{_MATMUL_REPEATS.value}); median of {_STEPS.value} steps after {_WARMUP.value} "
-        f"warmup; {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"{_MATMUL_REPEATS.value}); median of {_STEPS.value} alternating steps after "
+        f"{_WARMUP.value} warmup; {jax.devices()[0].platform} x{jax.device_count()}, "
         f"torch {torch.get_num_threads()} threads.")
 
 
