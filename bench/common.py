@@ -9,9 +9,21 @@ import platform
 import subprocess
 from typing import Any, Sequence
 
+from absl import flags
 import jax
 
+from o3lite import host_memory
+
+KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory", True, "As `python -m o3lite.train` does: glibc's malloc reuses "
+    "freed memory (o3lite/host_memory.py). Process-wide: the torch baseline gets it too.")
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def setup_host_memory() -> bool:
+  """Apply --keep_host_memory; call first in main(), before JAX starts its threads."""
+  return KEEP_HOST_MEMORY.value and host_memory.keep_freed_memory()
 
 
 def environment() -> dict[str, Any]:
@@ -34,6 +46,7 @@ def environment() -> dict[str, Any]:
       "load_average_1_5_15min": os.getloadavg(),  # Other work on the machine skews timings.
       "jax": jax.__version__,
       "devices": [str(d) for d in jax.devices()],
+      "keep_host_memory": KEEP_HOST_MEMORY.value,  # glibc malloc reuses freed memory.
   }
 
 

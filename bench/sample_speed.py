@@ -376,6 +376,7 @@ def run_case(name, torch, transformers, cfg, params, B, P, new, repeats, budget_
 
 def main(argv):
   del argv
+  common.setup_host_memory()
   torch, transformers = import_torch()  # Fail before any work if the baseline is missing.
   unknown = sorted(set(_CASES.value) - set(CASES))
   if unknown:

@@ -219,6 +219,7 @@ def summarize(name: str, num_params: int, losses, seconds, tokens: int, flops: f
 
 def main(argv):
   del argv
+  common.setup_host_memory()
   torch, transformers = import_torch()  # Fail before any work if the baseline is missing.
   common.warn_if_busy()
   model_cfg = model_lib.ModelConfig.named(_MODEL.value)
