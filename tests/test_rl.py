@@ -3,7 +3,6 @@ runs, and resume after SIGKILL."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from o3lite import rewards as rewards_lib
 from o3lite import rl
 from o3lite import rl_trainer
 from o3lite.data import pipeline
+import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,16 +188,8 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   subprocess.run(_cli(straight, tiny_run, steps), check=True, cwd=REPO, env=env,
                  capture_output=True, timeout=600)
-  proc = subprocess.Popen(_cli(killed, tiny_run, steps), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
-    assert proc.poll() is None and time.time() < deadline, "run ended before step 4"
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  interrupted_at = max(checkpoint_lib.Checkpointer(
-      os.path.join(killed, "checkpoints"), 1, 10).all_steps())
+  interrupted_at = sigkill.kill_after_checkpoint(_cli(killed, tiny_run, steps), killed, 4,
+                                                 cwd=REPO, env=env)
   assert interrupted_at < steps, "the run finished before it was killed"
   out = subprocess.run(_cli(killed, tiny_run, steps), cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)

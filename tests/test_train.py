@@ -4,10 +4,8 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from configs import sft as sft_config
 from o3lite import checkpoint as checkpoint_lib
 from o3lite import trainer
+import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,16 +96,8 @@ def test_sigkill_then_restart_ends_like_an_uninterrupted_run(tmp_path, data_dir)
   subprocess.run(_cli(straight, data_dir, steps, *every), check=True, cwd=REPO, env=_env(),
                  capture_output=True, timeout=600)
 
-  proc = subprocess.Popen(_cli(killed, data_dir, steps, *every), cwd=REPO, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not os.path.isdir(os.path.join(killed, "checkpoints", "60")):
-    assert proc.poll() is None and time.time() < deadline, "run ended before step 60"
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  interrupted_at = max(checkpoint_lib.Checkpointer(
-      os.path.join(killed, "checkpoints"), 1, 10).all_steps())
+  interrupted_at = sigkill.kill_after_checkpoint(_cli(killed, data_dir, steps, *every),
+                                                 killed, 60, cwd=REPO, env=_env())
   assert interrupted_at < steps, "the run finished before it was killed"
   assert not os.path.exists(os.path.join(killed, "eval.json"))
 
