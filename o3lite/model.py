@@ -138,11 +138,11 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 def _matmul(x_MxI, w, w_transposed: bool):
   """x_MxI @ w_IxO (or @ w_OxI.T) with a hand-written backward pass.
 
-  The weight gradient is dot_general(x_MxI, dy_MxO) contracting the token dimension M
-  of both, a single transposed-operand GEMM. Left to autodiff, the einsum's weight
-  gradient makes XLA:CPU fuse the preceding elementwise backward (SwiGLU, RoPE) into a
-  strided transpose of the [M, O] activation gradient, which took about a third of the
-  training step on CPU (see bench/train_speed.py); on GPU / TPU it is the same maths.
+  The weight gradient contracts the token dimension M of x and dy (`_tokens_contracted`).
+  Left to autodiff, the einsum's weight gradient makes XLA:CPU fuse the preceding
+  elementwise backward (SwiGLU, RoPE) into a strided transpose of the [M, O] activation
+  gradient, which took about a third of the training step on CPU (see
+  bench/train_speed.py); on GPU / TPU it is the same maths.
   """
   dims = ((1,), (1,)) if w_transposed else ((1,), (0,))
   return jax.lax.dot_general(x_MxI, w, (dims, ((), ())))
@@ -272,10 +272,9 @@ def rope_tables(positions_BxT, inv_freq_H2):
   return sin_BxTxH[:, :, None], cos_BxTxH[:, :, None]
 
 
-def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
+def apply_rope(x_BxTxNxH, sin_BxTx1xH, cos_BxTx1xH):
   """Rotary embedding, half-split convention (as in Llama / Qwen2 in transformers):
-  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]."""
-  sin_BxTx1xH, cos_BxTx1xH = rope_tables(positions_BxT, inv_freq_H2)
+  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], with the tables of `rope_tables`."""
   half = x_BxTxNxH.shape[-1] // 2
   x = x_BxTxNxH.astype(jnp.float32)
   rotated = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
@@ -353,9 +352,9 @@ class Attention(nn.Module):
       q_BxTxNxH += _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim")).astype(dt)
       k_BxTxKxH += _param(self, "k_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
       v_BxTxKxH += _param(self, "v_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
-    inv_freq_H2 = rope_frequencies(cfg)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_H2)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_H2)
+    sin_cos = rope_tables(positions_BxT, rope_frequencies(cfg))  # Once for q and k.
+    q_BxTxNxH = apply_rope(q_BxTxNxH, *sin_cos)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, *sin_cos)
 
     k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
     v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)

@@ -194,6 +194,15 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
   return state
 
 
+@contextlib.contextmanager
+def grown_cache_donation_expected():
+  """Silences JAX's warning that `decode`'s donated cache went unused: expected with
+  several segments (see `decode`), where the output cache is larger than the input."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    yield
+
+
 def _segment_ends(cfg: SamplingConfig) -> list[int]:
   """The (exclusive) last step of each decode segment: [seg, 2 seg, ..., N]."""
   N, segment = cfg.max_new_tokens, cfg.decode_segment or cfg.max_new_tokens
@@ -266,8 +275,7 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
     with context():
       state = prefill(params, prompt_BxP, prompt_len_B,
                       jax.random.fold_in(rng, chunk_index), model_cfg, sampling_cfg)
-      with warnings.catch_warnings():  # Expected with several segments: see `decode`.
-        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      with grown_cache_donation_expected():
         state = decode(params, state, model_cfg, sampling_cfg)
     tokens, logprobs = sharding_lib.to_host((state.tokens_BxN, state.logprobs_BxN))
     S = sampling_cfg.num_samples
