@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from absl import flags
 import jax
 
-from o3lite import host_memory
+from o3lite.parallel import host_memory
 
 KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True, "As `python -m o3lite.train` does: glibc's malloc reuses "

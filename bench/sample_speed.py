@@ -67,9 +67,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from o3lite import hf
-from o3lite import model as model_lib
-from o3lite import sampling
+from o3lite.interop import huggingface as hf
+from o3lite.model import transformer as model_lib
+from o3lite.sampling import sampler as sampling
 
 MODELS = {
     "tiny": lambda: model_lib.ModelConfig.small(),

@@ -25,8 +25,8 @@ import jax
 
 from bench import common
 from configs import sft, sft_answer_only
-from o3lite import model as model_lib
-from o3lite import trainer
+from o3lite.model import transformer as model_lib
+from o3lite.training import sft as trainer
 from o3lite.data import sources
 
 VARIANTS = {  # name -> (config module, label in the table)

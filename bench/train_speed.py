@@ -38,11 +38,11 @@ import numpy as np
 
 from bench import common
 from configs import sft as sft_config
-from o3lite import model as model_lib
-from o3lite import optimizer as optimizer_lib
-from o3lite import sft
-from o3lite import sharding as sharding_lib
-from o3lite import train_state as train_state_lib
+from o3lite.model import transformer as model_lib
+from o3lite.training import optimizer as optimizer_lib
+from o3lite.training import step as sft
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.training import state as train_state_lib
 
 _MODEL = flags.DEFINE_string("model", "small", "Named o3lite.model.ModelConfig size.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per step.")

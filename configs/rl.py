@@ -39,11 +39,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0  # Sampling temperature of the rollouts.
   c.rl.epochs = 1  # Passes over each step's samples.
   c.rl.minibatch_size = 128  # Completions per update (divides prompts x group).
-  c.rl.learning_rate = 3e-4  # Policy AdamW learning rate (constant after warmup).
-  c.rl.value_learning_rate = 1e-3  # Critic AdamW learning rate.
-  c.rl.warmup_steps = 5  # Linear warmup of both learning rates, in updates.
-  c.rl.grad_clip_norm = 1.0  # Global-norm clipping of each model's gradient.
-  c.rl.weight_decay = 0.0  # AdamW weight decay.
+  # The RL updates' optimizer (o3lite.training.optimizer, as the `optimizer` section):
+  # steps are minibatch updates; final_lr_fraction 1 keeps the rate constant after warmup.
+  c.rl.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 3e-4,  # Policy AdamW peak learning rate.
+      "warmup_steps": 5,  # Linear warmup of both models' learning rates, in updates.
+      "final_lr_fraction": 1.0,  # Constant after the warmup.
+      "grad_clip_norm": 1.0,  # Global-norm clipping of each model's gradient.
+      "b1": 0.9, "b2": 0.99, "eps": 1e-8,  # AdamW betas and epsilon.
+      "weight_decay": 0.0,  # Decoupled weight decay on matrices.
+  })
+  c.rl.value_learning_rate = 1e-3  # The critic's peak learning rate (same schedule).
+  c.rl.vocab_chunk = 0  # Vocabulary columns per log-sum-exp chunk in the learner (0 = all).
+  c.rl.max_nonfinite_in_a_row = 10  # RL steps with a NaN / inf update in a row that stop.
 
   # The algorithm (o3lite.algorithms; names are registered functions).
   c.rl.advantage = "gae"  # gae (PPO with a critic) | grpo | dr_grpo | rloo.

@@ -37,8 +37,9 @@ def get_config():
   c.rl.minibatch_size = 32
   c.rl.max_prompt_len = 256
   c.rl.max_new_tokens = 512
-  c.rl.learning_rate = 1e-6
-  c.rl.warmup_steps = 10
+  c.rl.optimizer.learning_rate = 1e-6
+  c.rl.optimizer.warmup_steps = 10
+  c.rl.vocab_chunk = 8192  # Log-probs over 19 chunks of the 151,936-token vocabulary.
   c.rl.dynamic_sampling = True  # DAPO: refill groups whose rewards are all equal.
   c.rl.checkpoint_every = 20
   c.rl.eval_every = 50

@@ -11,8 +11,8 @@ import os
 
 import ml_collections
 
-from o3lite import model as model_lib
-from o3lite import sharding as sharding_lib
+from o3lite.model import transformer as model_lib
+from o3lite.parallel import mesh as sharding_lib
 
 
 def model_fields(model_cfg: model_lib.ModelConfig) -> ml_collections.ConfigDict:
@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200  # Steps between checkpoints.
   c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
   c.train.async_checkpointing = True  # Save in the background while training goes on.
-  c.train.init_from = ""  # Checkpoint folder of an earlier run to start from ("" = init).
+  c.train.max_nonfinite_in_a_row = 10  # Skipped (NaN / inf) steps in a row that stop the run.
+  c.train.init_from = ""  # Run folder (or its checkpoints/) of an earlier run to start from ("" = init).
   # Local Hugging Face Llama / Qwen2 folder (config.json + safetensors) to start from: its
   # shape replaces the `model` section (whose dtype and remat still apply) and its
   # tokenizer is used unless data.tokenizer is set. "" = random init.

@@ -6,7 +6,7 @@ trained SentencePiece vocabulary it also runs on CPU, but learns little.
 """
 
 from configs import sft
-from o3lite import model as model_lib
+from o3lite.model import transformer as model_lib
 
 
 def get_config():

@@ -1,1 +1,21 @@
-"""o3lite: train o1/o3-style reasoning models in JAX."""
+"""o3lite: train o1/o3-style reasoning models in JAX.
+
+The tree follows the recipe, one subpackage per stage. A layer imports only the layers
+before it (tests/test_layout.py checks every import):
+
+  errors       o3lite's error types (bad input: one line, non-zero exit)
+  model        the transformer, heads on it, the XLA:CPU kernels
+  parallel     device mesh and sharding rules, multi-process start, host memory
+  data         tasks, the answer format, tokenizers, TFDS builders, batching
+  interop      Hugging Face import / export
+  sampling     the jitted sampler (prefill + decode loop on the explicit KV cache)
+  evaluation   held-out metrics: greedy accuracy, pass@k, maj@k, thinking budgets
+  training     the train state, the one train step, losses, optimizer, loop, checkpoints,
+               run folders, and the SFT run
+  rl           RL maths, rewards, the learner (its loss and scoring), the RL run
+  train.py, evaluate.py, export.py   the entry points (thin: flags -> library)
+"""
+
+# The layers above, lowest first; tests/test_layout.py reads this.
+LAYERS = ("errors", "model", "parallel", "data", "interop", "sampling", "evaluation",
+          "training", "rl", "train", "evaluate", "export")

@@ -1,18 +1,47 @@
-"""Bad input ends a run with one clear line on stderr and a non-zero exit."""
+"""o3lite's error types. Bad input ends a run with one clear line and a non-zero exit.
+
+Bad input (a config, data, a mesh, a checkpoint, a run folder the user points at) raises
+one of the `O3liteError` types below, and the entry points turn exactly those into one
+line on stderr (`exit_with`). Anything else is a bug, in o3lite or a library, and shows
+its traceback. This module imports nothing of o3lite: every layer may raise these.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from o3lite.checkpoint import CheckpointError
-from o3lite.sharding import MeshError
 
-# Errors that come from the user's input (data, config, mesh, checkpoint), not from bugs.
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, CheckpointError,
-               MeshError)
+class O3liteError(Exception):
+  """Base of every error that reports bad input (never a bug)."""
+
+
+class ConfigError(O3liteError):
+  """A config value that is wrong, out of range, or inconsistent with another."""
+
+
+class DataError(O3liteError):
+  """Data that is missing, empty or malformed (a folder, a file, a line)."""
+
+
+class MeshError(O3liteError):
+  """A mesh that does not fit the devices, the model or the batch."""
+
+
+class CheckpointError(O3liteError):
+  """A checkpoint that is missing, cannot be read, or is not of the expected kind."""
+
+
+class RunFolderError(O3liteError):
+  """A run folder that is not one, or whose saved settings differ from this run's."""
+
+
+class NonFiniteError(O3liteError):
+  """Training produced a run of non-finite losses or gradients (e.g. a NaN learning
+  rate, or data that overflows the model): the run stops, earlier checkpoints stay."""
 
 
 def exit_with(error) -> None:
+  """Print `o3lite: <Type>: <first line>` on stderr and exit with status 1."""
   message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
   name = type(error).__name__ if isinstance(error, BaseException) else "error"
   print(f"o3lite: {name}: {message}", file=sys.stderr, flush=True)

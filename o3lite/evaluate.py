@@ -34,7 +34,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
-  from o3lite import errors, evaluation, trainer  # pylint: disable=g-import-not-at-top
+  from o3lite import errors  # pylint: disable=g-import-not-at-top
+  from o3lite.evaluation import heldout as evaluation  # pylint: disable=g-import-not-at-top
+  from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
   try:
     run, params = trainer.load_run(_WORKDIR.value, _STEP.value)
     eval_cfg = run.config.eval
@@ -47,7 +49,7 @@ def main(argv):
     split = _SPLIT.value or eval_cfg.split
     metrics, samples = trainer.evaluate(run, params, split,
                                         _NUM_EXAMPLES.value or eval_cfg.num_examples)
-  except errors.USER_ERRORS as e:
+  except errors.O3liteError as e:
     errors.exit_with(e)
   if jax.process_index() == 0:
     path = evaluation.write_eval(_WORKDIR.value, metrics, samples, name=f"eval_{split}")

@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,16 +59,21 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   if _KEEP_HOST_MEMORY.value:
-    from o3lite import host_memory  # Before JAX starts its threads.
+    from o3lite.parallel import host_memory  # Before JAX starts its threads.
     host_memory.keep_freed_memory()
-  from o3lite import distributed  # Imports jax: after flag parsing, before any use.
+  from o3lite.parallel import multiprocess as distributed  # Imports jax: after flag parsing, before any use.
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
   from o3lite import errors
-  from o3lite import rl_trainer
-  from o3lite import trainer
+  from o3lite.rl import run as rl_trainer
+  from o3lite.training import sft as trainer
 
   config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):  # The file did not load.
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    reason = "no such file" if not os.path.isfile(path) else "it failed to import"
+    print(f"o3lite: config error: --config={path}: {reason}", file=sys.stderr, flush=True)
+    sys.exit(1)
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
   runners = {"sft": trainer.run_sft, "rl": rl_trainer.run_rl}
@@ -75,7 +81,7 @@ def main(argv):
     errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:
     runners[config.method](config, workdir)
-  except errors.USER_ERRORS as e:
+  except errors.O3liteError as e:
     errors.exit_with(e)
 
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 def tiny_run(tmp_path_factory):
   """The workdir of a tiny SFT run (4 steps of the default task), shared by tests."""
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
-  from o3lite import trainer  # pylint: disable=g-import-not-at-top
+  from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp("tiny_run")
   config = sft_config.get_config()

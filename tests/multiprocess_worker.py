@@ -18,12 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from o3lite import distributed
-from o3lite import model as model_lib
-from o3lite import optimizer as optimizer_lib
-from o3lite import sft
-from o3lite import sharding as sharding_lib
-from o3lite import train_state as train_state_lib
+from o3lite.parallel import multiprocess as distributed
+from o3lite.model import transformer as model_lib
+from o3lite.training import optimizer as optimizer_lib
+from o3lite.training import losses as losses_lib
+from o3lite.training import step as step_lib
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.training import state as train_state_lib
 
 AXES = ("data", "fsdp", "tensor")
 MESH_SHAPE = (2, 2, 1)  # data x fsdp over the 4 global devices of two processes.
@@ -52,11 +53,12 @@ def train_losses(mesh_shape, devices, steps: int = NUM_STEPS) -> list[float]:
   model_cfg = model_lib.ModelConfig.tiny(vocab_size=64)
   tx, _ = optimizer_lib.make_optimizer(opt_config(), 10)
   mesh = sharding_lib.make_mesh(AXES, mesh_shape, devices)
-  _, shardings = train_state_lib.state_shardings(model_cfg, tx, mesh, RULES)
-  state = train_state_lib.create_train_state(model_cfg, tx, mesh, RULES, seed=0)
+  spec = train_state_lib.policy_spec(model_cfg, tx, mesh, RULES)
+  state = spec.create(seed=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, RULES)
-  step = sft.jit_train_step(sft.make_train_step(model_cfg, tx), shardings, batch_sharding,
-                            mesh, RULES)
+  step = step_lib.jit_train_step(step_lib.make_train_step(
+      losses_lib.get_loss("sft_cross_entropy", model_cfg), tx),
+      spec.shardings, batch_sharding, mesh, RULES)
   batch = sharding_lib.put_global_batch(global_batch(), batch_sharding)
   losses = []
   for _ in range(steps):

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from o3lite import checkpoint as checkpoint_lib
+from o3lite.training import checkpoint as checkpoint_lib
 
 
 def kill_after_checkpoint(cmd, workdir, step, *, cwd, env, timeout=300) -> int:

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from o3lite import algorithms as alg
+from o3lite import errors
+from o3lite.rl import algorithms as alg
 
 
 def _inputs(scores, T=3, mask=None, token_rewards=None, values=None):
@@ -100,9 +101,16 @@ def test_kl_estimators():
 def test_loss_aggregations():
   loss = np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]], np.float32)
   mask = np.array([[1, 1, 1], [1, 0, 0]], np.float32)
-  assert float(alg.token_mean(loss, mask)) == pytest.approx(10 / 4)
-  assert float(alg.seq_mean_token_mean(loss, mask)) == pytest.approx((2 + 4) / 2)
-  assert float(alg.seq_mean_token_sum(loss, mask)) == pytest.approx((6 + 4) / 2)
+  # Each returns (sum, count); the loss is their ratio.
+  assert [float(x) for x in alg.token_mean(loss, mask)] == [10, 4]
+  assert [float(x) for x in alg.seq_mean_token_mean(loss, mask)] == [2 + 4, 2]
+  assert [float(x) for x in alg.seq_mean_token_sum(loss, mask)] == [6 + 4, 2]
+  assert float(alg.aggregate("token-mean", loss, mask)) == pytest.approx(10 / 4)
+  assert float(alg.aggregate("seq-mean-token-mean", loss, mask)) == pytest.approx(3)
+  assert float(alg.aggregate("seq-mean-token-sum", loss, mask)) == pytest.approx(5)
+  # Sums over two halves of a batch, divided once, equal the whole batch's value.
+  halves = [alg.seq_mean_token_mean(loss[i:i + 1], mask[i:i + 1]) for i in range(2)]
+  assert sum(float(s) for s, _ in halves) / sum(float(c) for _, c in halves) == 3
 
 
 def test_value_loss_clipping():
@@ -123,11 +131,15 @@ def test_dynamic_sampling_and_explained_variance():
 
 
 def test_config_validation_names_the_problem():
-  with pytest.raises(ValueError, match="unknown advantage estimator 'ppo2'"):
+  with pytest.raises(errors.O3liteError, match="unknown advantage estimator 'ppo2'"):
     alg.RLAlgoConfig(advantage="ppo2")
-  with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+  with pytest.raises(errors.O3liteError, match="unknown KL estimator 'k4'"):
     alg.RLAlgoConfig(kl_estimator="k4")
-  with pytest.raises(ValueError, match="group_size=1 is too small for rloo"):
+  with pytest.raises(errors.O3liteError, match="group_size=1 is too small for rloo"):
     alg.RLAlgoConfig(advantage="rloo", group_size=1)
-  with pytest.raises(ValueError, match="dual_clip"):
+  for advantage in ("grpo", "dr_grpo", "rloo"):  # They read no per-token reward.
+    with pytest.raises(errors.ConfigError, match=f"kl_in_reward=True with advantage='{advantage}'"):
+      alg.RLAlgoConfig(advantage=advantage, kl_coef=0.1, kl_in_reward=True)
+  alg.RLAlgoConfig(advantage="gae", kl_coef=0.1, kl_in_reward=True)  # GAE reads them.
+  with pytest.raises(errors.O3liteError, match="dual_clip"):
     alg.RLAlgoConfig(dual_clip=0.5)

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from o3lite import model as model_lib
-from o3lite import trainer
+from o3lite import errors
+from o3lite.model import transformer as model_lib
+from o3lite.training import sft as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
@@ -29,7 +30,7 @@ def test_config_builds(name):
   assert config.eval.split in ("train", "validation", "test")
   assert len(config.mesh.axes) == len(config.mesh.shape)
   if config.method == "rl":  # The algorithm section is valid and the batch splits.
-    from o3lite import rl_trainer  # pylint: disable=g-import-not-at-top
+    from o3lite.rl import run as rl_trainer  # pylint: disable=g-import-not-at-top
     rl_trainer.algo_config(config.rl)
     rows = config.rl.prompts_per_step * config.rl.group_size
     assert rows % config.rl.minibatch_size == 0
@@ -51,5 +52,5 @@ def test_model_vocab_smaller_than_tokenizer_is_an_error():
   from configs import sft
   config = sft.get_config()
   config.model.vocab_size = 10
-  with pytest.raises(ValueError, match="vocab_size=10"):
+  with pytest.raises(errors.O3liteError, match="vocab_size=10"):
     trainer.model_config_from(config.model, vocab_size=40)

@@ -8,11 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from o3lite import formatting
-from o3lite import tasks
-from o3lite import tokenizer as tokenizer_lib
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import tasks
+from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.data import builders
-from o3lite.data import pipeline
+from o3lite.data import batching as pipeline
 from o3lite.data import sources
 
 # ../shared/data/gsm8k beside the repository, wherever it is cloned.
@@ -39,7 +40,7 @@ def task_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(task_data):
-  return tokenizer_lib.get_tokenizer(task_data[0])
+  return sources.get_tokenizer(task_data[0])
 
 
 # --- Builders and sources. ---
@@ -74,16 +75,16 @@ def test_task_configs_never_collide():
   assert len(names) == 5
   assert make("opchain", {"steps": 5}, (10, 2, 2), 0).name == make(
       "opchain", {}, (10, 2, 2), 0).name
-  with pytest.raises(ValueError, match="'digits'"):
+  with pytest.raises(errors.O3liteError, match="'digits'"):
     make("opchain", {"digits": 2}, (10, 2, 2), 0)
 
 
 def test_sources_errors(tmp_path):
-  with pytest.raises(ValueError, match="'hub'"):
+  with pytest.raises(errors.O3liteError, match="'hub'"):
     sources.load_examples(_data_cfg(tmp_path, source="hub"), "train")
-  with pytest.raises(ValueError, match="'dev'"):
+  with pytest.raises(errors.O3liteError, match="'dev'"):
     sources.load_examples(_data_cfg(tmp_path), "dev")
-  with pytest.raises(ValueError, match="'hub'"):
+  with pytest.raises(errors.O3liteError, match="'hub'"):
     sources.get_checker(_data_cfg(tmp_path, source="hub"))
 
 
@@ -119,13 +120,13 @@ def test_parse_gsm8k():
   ex = builders.parse_gsm8k({"question": " Q? ", "answer":
                              "a 2*3 = <<2*3=6>>6.\n\nb <<6+1=7>>7\n#### 1,007"})
   assert ex == {"question": "Q?", "cot": "a 2*3 = 6.\nb 7", "answer": "1007"}
-  with pytest.raises(ValueError, match="####"):
+  with pytest.raises(errors.O3liteError, match="####"):
     builders.parse_gsm8k({"question": "Q", "answer": "no marker"})
 
 
 def test_gsm8k_missing_folder(tmp_path):
   missing = str(tmp_path / "no_gsm8k")
-  with pytest.raises(FileNotFoundError, match="no_gsm8k"):
+  with pytest.raises(errors.O3liteError, match="no_gsm8k"):
     sources.load_examples(_data_cfg(tmp_path, source="gsm8k", path=missing),
                           "train")
 
@@ -183,7 +184,7 @@ def test_jsonl_malformed_line(tmp_path, bad_line, reason):
   lines = [json.dumps(r) for r in _records(3)] + ["", bad_line]
   _write_jsonl(tmp_path / "train.jsonl", lines)
   cfg = _data_cfg(tmp_path / "tfds", source="jsonl", path=str(tmp_path))
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(errors.O3liteError) as error:
     sources.load_examples(cfg, "train")
   message = str(error.value)
   assert message.startswith(f"{tmp_path / 'train.jsonl'}:5: {reason}")
@@ -192,7 +193,7 @@ def test_jsonl_malformed_line(tmp_path, bad_line, reason):
 
 def test_jsonl_missing_train(tmp_path):
   _write_jsonl(tmp_path / "test.jsonl", _records(3))
-  with pytest.raises(FileNotFoundError, match="train.jsonl"):
+  with pytest.raises(errors.O3liteError, match="train.jsonl"):
     sources.load_examples(_data_cfg(tmp_path / "tfds", source="jsonl",
                                     path=str(tmp_path)), "test")
 
@@ -324,10 +325,33 @@ def test_unpacked_rows(examples, tokenizer):
 def test_too_long_example(examples, tokenizer):
   length = sum(len(ids) for ids in pipeline.tokenize_example(
       examples[0], tokenizer, with_cot=True))
-  with pytest.raises(ValueError, match=rf"{length} tokens.*seq_len=10\b"):
+  with pytest.raises(errors.O3liteError, match=rf"{length} tokens.*seq_len=10\b"):
     _batcher(examples[:1], tokenizer, seq_len=10)
   batcher = _batcher(examples[:1], tokenizer, seq_len=length - 1)
   batch, _ = batcher.get_batch(0)
   assert (batch["segment_ids"] == 1).all()  # Fits exactly: L - 1 slots.
-  with pytest.raises(ValueError, match="at least one"):
+  with pytest.raises(errors.O3liteError, match="at least one"):
     _batcher([], tokenizer)
+
+
+def test_jsonl_edited_in_place_is_read_again(tmp_path):
+  """The prepared copy is keyed by the files' content (size, mtime), not by the folder
+  path alone: an edited train.jsonl serves its new lines."""
+  data = tmp_path / "mine"
+  data.mkdir()
+  _write_jsonl(data / "train.jsonl", _records(40))
+  cfg = _data_cfg(tmp_path / "tfds", source="jsonl", path=str(data))
+  first = {ex["question"] for ex in sources.load_examples(cfg, "train")}
+  assert first and all(q.startswith("q") for q in first)
+  _write_jsonl(data / "train.jsonl", _records(40, prefix="new"))
+  again = {ex["question"] for ex in sources.load_examples(cfg, "train")}
+  assert again and all(q.startswith("new") for q in again)
+  # Unchanged files reuse the prepared copy: the same builder folder.
+  assert sources.get_builder(cfg).data_dir == sources.get_builder(cfg).data_dir
+
+
+def test_jsonl_empty_train_is_an_error(tmp_path):
+  (tmp_path / "train.jsonl").write_text("")
+  with pytest.raises(errors.DataError, match="train.jsonl has no examples"):
+    sources.load_examples(_data_cfg(tmp_path / "tfds", source="jsonl",
+                                    path=str(tmp_path)), "train")

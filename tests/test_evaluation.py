@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from o3lite import evaluation
-from o3lite import formatting
+from o3lite.evaluation import heldout as evaluation
+from o3lite.data import formatting
 from o3lite.data import sources
-from o3lite import trainer
+from o3lite.training import sft as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,4 +114,4 @@ def test_evaluate_cli_on_a_missing_run(tmp_path):
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      f"o3lite: FileNotFoundError: {tmp_path / 'nope'} is not a run folder: no config.json"]
+      f"o3lite: RunFolderError: run folder not found: {tmp_path / 'nope'}"]

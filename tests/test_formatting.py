@@ -2,7 +2,7 @@
 
 import pytest
 
-from o3lite import formatting
+from o3lite.data import formatting
 
 
 def test_prompt_and_completion_layout():

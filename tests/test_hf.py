@@ -5,9 +5,12 @@ export, and bad input. Needs torch (CPU): `pip install torch==2.13.0`."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import types
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -16,16 +19,18 @@ import safetensors.numpy
 import torch
 import transformers
 
+from o3lite import errors
 from o3lite import export as export_lib
-from o3lite import formatting
-from o3lite import hf
-from o3lite import hf_tokenizer
-from o3lite import model as model_lib
-from o3lite import sampling
-from o3lite import sharding as sharding_lib
-from o3lite import tasks
-from o3lite import tokenizer as tokenizer_lib
-from o3lite import train_state
+from o3lite.data import formatting
+from o3lite.interop import huggingface as hf
+from o3lite.interop import hf_tokenizer_files as hf_tokenizer
+from o3lite.model import transformer as model_lib
+from o3lite.sampling import sampler as sampling
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.data import tasks
+from o3lite.data import tokenizers as tokenizer_lib
+from o3lite.training import checkpoint as checkpoint_lib
+from o3lite.training import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,13 +161,13 @@ def test_sharded_checkpoint_placed_on_mesh(tmp_path):
   mesh = sharding_lib.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
   with open(tmp_path / "config.json") as f:
     cfg = hf.model_config_from_hf(json.load(f))
-  _, shardings = train_state.state_shardings(cfg, optax.sgd(0.1), mesh,
-                                             sharding_lib.DEFAULT_RULES)
-  _, params = hf.load_hf_checkpoint(str(tmp_path), shardings=shardings.params)
+  shardings = train_state.policy_spec(cfg, optax.sgd(0.1), mesh,
+                                      sharding_lib.DEFAULT_RULES).shardings.params["policy"]
+  _, params = hf.load_hf_checkpoint(str(tmp_path), shardings=shardings)
   _, params_from_mesh = hf.load_hf_checkpoint(str(tmp_path), mesh=mesh)
   for loaded in (params, params_from_mesh):
     leaves = jax.tree_util.tree_leaves_with_path(loaded)
-    for (path, x), s in zip(leaves, jax.tree_util.tree_leaves(shardings.params)):
+    for (path, x), s in zip(leaves, jax.tree_util.tree_leaves(shardings)):
       assert x.sharding == s, jax.tree_util.keystr(path)
   q = params["layer_0"]["attn"]["q_kernel"]  # [D, N, H] over fsdp x tensor.
   assert q.addressable_shards[0].data.shape == (16, 2, 8)
@@ -240,8 +245,11 @@ def test_export_cli_on_a_trained_run(trained_run, tmp_path):
     assert hf_tok.encode(text, add_special_tokens=False) == ours_tok.encode(text)
   with open(os.path.join(trained_run, "model_config.json")) as f:
     cfg = model_lib.ModelConfig(**json.load(f))
-  params, step = export_lib.restore_params(os.path.join(trained_run, "checkpoints"), cfg)
-  assert step == 4
+  abstract = jax.eval_shape(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.PRNGKey(0))))
+  params, step = checkpoint_lib.restore_params(os.path.join(trained_run, "checkpoints"),
+                                               {"policy": abstract})
+  params = params["policy"]
+  assert step == 4 and isinstance(jax.tree.leaves(params)[0], np.ndarray)
   encoded = [ours_tok.encode(t) for t in texts[:3]]
   tokens = np.array([ids[:min(map(len, encoded))] for ids in encoded], np.int32)
   np.testing.assert_allclose(_our_logits(params, cfg, tokens), _hf_logits(model, tokens),
@@ -252,14 +260,14 @@ def test_export_cli_on_a_trained_run(trained_run, tmp_path):
       [sys.executable, "-m", "o3lite.export", f"--workdir={trained_run}", f"--out={out}"],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith("o3lite: FileExistsError:")
+  assert result.stderr.strip().splitlines()[-1].startswith("o3lite: ConfigError:")
   assert export_lib.export_run(trained_run, out, step=4, overwrite=True) == 4
 
 
 def test_export_run_errors(trained_run, tmp_path):
-  with pytest.raises(FileNotFoundError, match="run folder not found"):
+  with pytest.raises(errors.O3liteError, match="run folder not found"):
     export_lib.export_run(str(tmp_path / "nowhere"), str(tmp_path / "out"))
-  with pytest.raises(export_lib.checkpoint_lib.CheckpointError, match="step 99"):
+  with pytest.raises(export_lib.errors.CheckpointError, match="step 99"):
     export_lib.export_run(trained_run, str(tmp_path / "out"), step=99)
   empty = tmp_path / "empty_run"
   empty.mkdir()
@@ -267,7 +275,7 @@ def test_export_run_errors(trained_run, tmp_path):
       json.dumps(dataclasses.asdict(model_lib.ModelConfig.tiny())))
   os.symlink(os.path.join(trained_run, "tokenizer"), empty / "tokenizer")
   (empty / "checkpoints").mkdir()
-  with pytest.raises(export_lib.checkpoint_lib.CheckpointError, match="no checkpoint in"):
+  with pytest.raises(export_lib.errors.CheckpointError, match="no checkpoint in"):
     export_lib.export_run(str(empty), str(tmp_path / "out"))
 
 
@@ -311,7 +319,7 @@ def _config_dict(**changes):
     ({"hidden_size": None}, "'hidden_size'"),
 ])
 def test_unsupported_configs(changes, message):
-  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+  with pytest.raises(errors.O3liteError, match=message.replace("(", r"\(")):
     hf.model_config_from_hf(_config_dict(**changes))
 
 
@@ -326,30 +334,58 @@ def test_config_fields_and_transformers4_keys():
   assert (cfg.head_dim, cfg.qkv_bias, cfg.tie_embeddings) == (8, False, False)
   config = hf.hf_config_from_model_config(cfg, eos_id=2, pad_id=0)
   assert hf.model_config_from_hf(config) == cfg
-  with pytest.raises(ValueError, match="qkv_bias=True"):
+  with pytest.raises(errors.O3liteError, match="qkv_bias=True"):
     hf.hf_config_from_model_config(dataclasses.replace(cfg, qkv_bias=True), eos_id=2,
                                    pad_id=0, arch="llama")
 
 
 def test_bad_checkpoints(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nowhere"):
+  with pytest.raises(errors.O3liteError, match="nowhere"):
     hf.load_hf_checkpoint(str(tmp_path / "nowhere"))
   (tmp_path / "config.json").write_text(json.dumps(_config_dict(
       architectures=["GPT2LMHeadModel"])))
-  with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+  with pytest.raises(errors.O3liteError, match="GPT2LMHeadModel"):
     hf.load_hf_checkpoint(str(tmp_path))
   model = _hf_model("llama_gqa_untied")
   cfg = hf.model_config_from_hf(model.config.to_dict())
   good = {k: v.numpy() for k, v in model.state_dict().items()}
   name = "model.layers.0.self_attn.q_proj.weight"
-  with pytest.raises(ValueError, match=rf"{name} has shape \(32, 31\).*expected \(32, 32\)"):
+  with pytest.raises(errors.O3liteError, match=rf"{name} has shape \(32, 31\).*expected \(32, 32\)"):
     hf.params_from_hf({**good, name: good[name][:, :31]}, cfg)
-  with pytest.raises(ValueError, match="1 missing tensors.*lm_head.weight"):
+  with pytest.raises(errors.O3liteError, match="1 missing tensors.*lm_head.weight"):
     hf.params_from_hf({k: v for k, v in good.items() if k != "lm_head.weight"}, cfg)
-  with pytest.raises(ValueError, match="1 unexpected tensors.*model.extra.weight"):
+  with pytest.raises(errors.O3liteError, match="1 unexpected tensors.*model.extra.weight"):
     hf.params_from_hf({**good, "model.extra.weight": good[name]}, cfg)
   ignored = {**good, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}
   assert hf.params_to_hf(hf.params_from_hf(ignored, cfg), cfg).keys() == good.keys()
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_bias"])
+def test_added_tokens_get_the_mean_row_in_spare_rows(case, tmp_path):
+  """Qwen2.5's embedding has 151,936 rows for 151,665 tokens: the think delimiters added
+  to its tokenizer land on spare, untrained rows, which must become the mean of the rows
+  the tokenizer's own tokens trained, without growing the embedding."""
+  model = _hf_model(case, seed=5)
+  model.save_pretrained(tmp_path)
+  rows = CASES[case]["vocab_size"]
+  base = rows - 10  # The tokenizer knows 10 tokens fewer than the embedding has rows.
+  tokenizer = types.SimpleNamespace(added_ids=[base, base + 1], base_size=base)
+  cfg, params = hf.load_hf_checkpoint(str(tmp_path), min_vocab_size=base + 2,
+                                      tokenizer=tokenizer)
+  assert cfg.vocab_size == rows  # No growth: the rows were there.
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  names = [("embedding", "model.embed_tokens.weight")]
+  if not cfg.tie_embeddings:
+    names.append(("lm_head", "lm_head.weight"))
+  for ours, theirs in names:
+    got = np.asarray(params[ours])
+    want = state[theirs]
+    if ours == "lm_head":
+      got = got.T  # Ours is [D, V].
+    np.testing.assert_allclose(got[[base, base + 1]], np.broadcast_to(
+        want[:base].mean(0), (2, cfg.embed_dim)), rtol=1e-5, atol=1e-7)
+    keep = np.setdiff1d(np.arange(rows), [base, base + 1])
+    np.testing.assert_array_equal(got[keep], want[keep])
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_bias"])
@@ -375,7 +411,7 @@ def test_vocabulary_grows_for_added_tokens(case, tmp_path):
   bad["vocab_size"] = old_vocab - 1
   with open(tmp_path / "config.json", "w") as f:
     json.dump(bad, f)
-  with pytest.raises(ValueError, match="model.embed_tokens.weight has shape"):
+  with pytest.raises(errors.O3liteError, match="model.embed_tokens.weight has shape"):
     hf.load_hf_checkpoint(str(tmp_path), min_vocab_size=old_vocab + 2)
 
 
@@ -383,7 +419,7 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
   """`train.init_from_hf`: the exported run comes back with its weights and tokenizer,
   placed on an 8-device mesh; training then continues from it."""
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
-  from o3lite import trainer  # pylint: disable=g-import-not-at-top
+  from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
 
   out = str(tmp_path / "hf")
   export_lib.export_run(trained_run, out)
@@ -413,5 +449,23 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
        open(os.path.join(trained_run, "eval.json")) as g:
     assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
   config.train.init_from = trained_run  # Both starting points at once: refused.
-  with pytest.raises(ValueError, match="init_from and train.init_from_hf"):
+  with pytest.raises(errors.O3liteError, match="init_from and train.init_from_hf"):
     trainer.run_sft(config, str(tmp_path / "both"))
+  config.train.init_from = ""
+  # A folder with the tokenizer and config but no weights: reported as that, before
+  # anything is built (not as a tokenizer problem).
+  no_weights = tmp_path / "no_weights"
+  shutil.copytree(out, no_weights)
+  os.remove(no_weights / hf.WEIGHTS_FILE)
+  config.train.init_from_hf = str(no_weights)
+  with pytest.raises(errors.CheckpointError, match=r"has no weights: no model\.safetensors"):
+    trainer.run_sft(config, str(tmp_path / "no_weights_run"))
+  assert not os.path.exists(tmp_path / "no_weights_run")
+  # A folder with weights but no tokenizer: a tokenizer problem, one line.
+  no_tokenizer = tmp_path / "no_tokenizer"
+  no_tokenizer.mkdir()
+  for name in (hf.CONFIG_FILE, hf.WEIGHTS_FILE):
+    shutil.copy(os.path.join(out, name), no_tokenizer / name)
+  config.train.init_from_hf = str(no_tokenizer)
+  with pytest.raises(errors.DataError, match="no Hugging Face tokenizer could be loaded"):
+    trainer.run_sft(config, str(tmp_path / "no_tokenizer_run"))

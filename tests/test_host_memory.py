@@ -10,7 +10,7 @@ def _refault_count(keep: bool) -> int:
   XLA:CPU does with its temporaries at every step), in a fresh process."""
   code = textwrap.dedent(f"""
       import ctypes, resource
-      from o3lite import host_memory
+      from o3lite.parallel import host_memory
       if {keep}:
         assert host_memory.keep_freed_memory()
       libc = ctypes.CDLL(None)

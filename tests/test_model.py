@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from o3lite import model as model_lib
+from o3lite import errors
+from o3lite.model import cpu_kernels
+from o3lite.model import transformer as model_lib
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -130,9 +132,9 @@ def test_bfloat16_compute_is_close_to_float32():
 
 
 def test_invalid_model_configs_are_rejected():
-  with pytest.raises(ValueError, match="num_kv_heads"):
+  with pytest.raises(errors.O3liteError, match="num_kv_heads"):
     model_lib.ModelConfig.tiny(num_heads=4, num_kv_heads=3)
-  with pytest.raises(ValueError, match="unknown model size"):
+  with pytest.raises(errors.O3liteError, match="unknown model size"):
     model_lib.ModelConfig.named("huge")
 
 
@@ -152,45 +154,78 @@ def test_remat_gives_the_same_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,num_in,w_transposed,spec", [
-    ((2, 3, 4), (4, 6), 1, False, "btd,df->btf"),
-    ((2, 3, 4), (4, 2, 5), 1, False, "btd,dnh->btnh"),
-    ((2, 3, 2, 5), (2, 5, 4), 2, False, "btnh,nhd->btd"),
-    ((2, 3, 4), (7, 4), 1, True, "btd,vd->btv"),
+@pytest.mark.parametrize("x_shape,w_shape,spec", [
+    ((2, 3, 4), (4, 6), "btd,df->btf"),
+    ((2, 3, 4), (4, 2, 5), "btd,dnh->btnh"),
+    ((2, 3, 2, 5), (2, 5, 4), "btnh,nhd->btd"),
+    ((2, 3, 4), (7, 4), "btd,vd->btv"),
 ])
-def test_dense_values_and_gradients_match_einsum(x_shape, w_shape, num_in, w_transposed,
-                                                spec):
-  """The hand-written backward pass of `dense` is autodiff's of the einsum."""
+def test_cpu_projection_values_and_gradients_match_einsum(x_shape, w_shape, spec):
+  """The XLA:CPU projection (one 2-D matmul, hand-written backward) is the einsum."""
+  assert cpu_kernels._parse(spec) is not None  # It really takes the fast path.
   kx, kw, kc = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape)
   w = jax.random.normal(kw, w_shape)
   out_shape = jnp.einsum(spec, x, w).shape
   cotangent = jax.random.normal(kc, out_shape)
-  ours = lambda x, w: jnp.sum(
-      model_lib.dense(x, w, num_in, w_transposed) * cotangent)
+  ours = lambda x, w: jnp.sum(cpu_kernels.einsum(spec, x, w, "xla_cpu") * cotangent)
   reference = lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * cotangent)
-  np.testing.assert_allclose(model_lib.dense(x, w, num_in, w_transposed),
+  np.testing.assert_allclose(cpu_kernels.einsum(spec, x, w, "xla_cpu"),
                              jnp.einsum(spec, x, w), rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert cpu_kernels._parse("btd,btd->bt") is None  # Not a projection: plain einsum.
 
 
-def test_swiglu_values_and_gradients_match_autodiff():
-  """The recomputing backward pass of `swiglu` is autodiff's of silu(gate) * up."""
+def test_cpu_swiglu_values_and_gradients_match_autodiff():
+  """The recomputing backward pass of SwiGLU is autodiff's of silu(gate) * up."""
   kg, ku, kc = jax.random.split(jax.random.key(0), 3)
   gate = 3 * jax.random.normal(kg, (4, 5, 6))
   up = jax.random.normal(ku, (4, 5, 6))
   cotangent = jax.random.normal(kc, (4, 5, 6))
-  ours = lambda g, u: jnp.sum(model_lib.swiglu(g, u) * cotangent)
+  ours = lambda g, u: jnp.sum(cpu_kernels.swiglu(g, u, "xla_cpu") * cotangent)
   reference = lambda g, u: jnp.sum(nn.silu(g) * u * cotangent)
-  np.testing.assert_allclose(model_lib.swiglu(gate, up), nn.silu(gate) * up, rtol=1e-6)
+  np.testing.assert_allclose(cpu_kernels.swiglu(gate, up, "xla_cpu"), nn.silu(gate) * up,
+                             rtol=1e-6)
   for got, want in zip(jax.grad(ours, (0, 1))(gate, up), jax.grad(reference, (0, 1))(gate, up)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_causal_blocks():
-  assert [model_lib.causal_blocks(t) for t in (128, 512, 96, 64, 48, 8)] == [4, 4, 2, 2, 1, 1]
+  assert [cpu_kernels.causal_blocks(t, "xla_cpu")
+          for t in (128, 512, 96, 64, 48, 8)] == [4, 4, 2, 2, 1, 1]
+  assert cpu_kernels.causal_blocks(128, "plain") == 1
+  assert cpu_kernels.active("auto") == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(False, True), (True, False)])
+def test_the_two_kernel_paths_give_the_same_model(qkv_bias, tie):
+  """One switch: the plain einsum model (GPU / TPU) and the XLA:CPU forms compute the
+  same logits and the same gradients, over a length that takes causal blocks (128)."""
+  cfgs = [model_lib.ModelConfig.tiny(vocab_size=50, kernels=k, qkv_bias=qkv_bias,
+                                     tie_embeddings=tie) for k in ("plain", "xla_cpu")]
+  params = nn.unbox(model_lib.init_params(cfgs[0], jax.random.PRNGKey(3)))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(4),
+                                                               p.shape), params)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 50, (2, 128)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  segments = jnp.asarray(np.r_[np.ones(70), 2 * np.ones(50), np.zeros(8)][None].repeat(
+      2, 0), jnp.int32)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def loss(p, cfg):
+    logits, _ = model_lib.Transformer(cfg).apply({"params": p}, tokens, positions, segments)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1) * (segments > 0)[..., None])
+
+  (l_plain, g_plain), (l_cpu, g_cpu) = [jax.value_and_grad(loss)(params, c) for c in cfgs]
+  np.testing.assert_allclose(l_cpu, l_plain, rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain),
+                          jax.tree.leaves(g_cpu)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("num_blocks", [2, 4])

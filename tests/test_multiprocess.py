@@ -20,8 +20,9 @@ import numpy as np
 
 import multiprocess_worker
 from configs import sft as sft_config
-from o3lite import tokenizer as tokenizer_lib
-from o3lite import trainer
+from o3lite.data import sources
+from o3lite.data import tokenizers as tokenizer_lib
+from o3lite.training import sft as trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -104,7 +105,7 @@ def test_train_entry_point_in_two_processes(tmp_path):
   config = sft_config.get_config()
   config.update_from_flattened_dict(overrides)
   # Prepare the dataset and tokenizer once, so the two processes only read them.
-  tokenizer_lib.get_tokenizer(config.data)
+  sources.get_tokenizer(config.data)
 
   workdir = tmp_path / "run"
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]

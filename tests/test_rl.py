@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from configs import rl as rl_config
-from o3lite import algorithms as alg
-from o3lite import checkpoint as checkpoint_lib
-from o3lite import rewards as rewards_lib
-from o3lite import rl
-from o3lite import rl_trainer
-from o3lite.data import pipeline
+from o3lite import errors
+from o3lite.rl import algorithms as alg
+from o3lite.training import checkpoint as checkpoint_lib
+from o3lite.rl import rewards as rewards_lib
+from o3lite.rl import learner as rl
+from o3lite.rl import run as rl_trainer
+from o3lite.data import batching as pipeline
 import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def test_rollout_batch_layout():
   assert batch["targets"][1].tolist() == [11, 12, 13, 0, 0, 0, 0]
   assert batch["mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]  # Unfinished: no EOS.
   assert batch["segment_ids"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
-  with pytest.raises(ValueError, match="exceed rl seq_len 4"):
+  with pytest.raises(errors.O3liteError, match="exceed rl seq_len 4"):
     pipeline.rollout_batch([[5, 6, 7]], [[9, 10]], [True], 4, 1, 0)
 
 
@@ -64,7 +65,7 @@ def test_rewards_and_a_reward_function_that_raises_or_hangs():
   assert scores.total == [2.0, 1.0, 1.0, 2.0]  # The failing call scores 0; others count.
   assert scores.failures == 1 and scores.timeouts == 1
   scorer.close()
-  with pytest.raises(ValueError, match=r"unknown reward function\(s\) \['corectness'\]"):
+  with pytest.raises(errors.O3liteError, match=r"unknown reward function\(s\) \['corectness'\]"):
     rewards_lib.RewardScorer({"corectness": 1.0}, checker)
 
 
@@ -93,9 +94,16 @@ def _metrics(workdir):
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
-  extra = {"rl.dynamic_sampling": True} if advantage == "grpo" else {}
+  # GRPO samples at temperature 0.7: the learner scores at the same temperature, so the
+  # sampler / learner gap stays at rounding level (asserted below for every step).
+  extra = ({"rl.dynamic_sampling": True, "rl.temperature": 0.7} if advantage == "grpo"
+           else {})
+  # The 4-step tiny run is never right: a length penalty gives the rewards a spread, so
+  # the advantages are not all zero and the policy really moves away from the reference.
   config = _config_like(tiny_run, **{"rl.advantage": advantage, "rl.kl_coef": 0.1,
-                                     "mesh.shape": (4, 2, 1), **extra})
+                                     "mesh.shape": (4, 2, 1),
+                                     "rl.rewards": {"correctness": 1.0,
+                                                    "length_penalty": 1.0}, **extra})
   workdir = str(tmp_path / advantage)
   result = rl_trainer.run_rl(config, workdir)
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -119,13 +127,39 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
   run = rl_trainer.setup(config, workdir, tiny_run)
   state, _ = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1,
                                          None).restore(run.abstract_state)
-  assert int(state.step) == 2
-  q = state.params["layer_0"]["attn"]["q_kernel"]
+  # Two RL steps (the checkpoint's number) of two minibatch updates each (32 completions,
+  # minibatches of 16): state.step counts updates.
+  assert checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1,
+                                     None).latest_step() == 2
+  assert int(state.step) == 4
+  q = state.params["policy"]["layer_0"]["attn"]["q_kernel"]
   assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape[0] < q.shape[0]
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-           zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params))]
+           zip(jax.tree.leaves(state.params["policy"]),
+               jax.tree.leaves(state.frozen["reference"]))]
   assert max(moved) > 0  # The policy learned; the reference stayed where it started.
   assert steps[1]["kl_to_reference"] > 0
+
+  # The run folder evaluates, from Python and from the command line; an RL checkpoint is
+  # never called corrupt when read as another kind.
+  from o3lite.training import sft as sft_lib  # pylint: disable=g-import-not-at-top
+  _, policy = sft_lib.load_run(workdir)
+  for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(state.params["policy"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  out = subprocess.run([sys.executable, "-m", "o3lite.evaluate", f"--workdir={workdir}",
+                        "--num_examples=4", "--num_samples=0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(os.path.join(workdir, "eval_test.json")) as f:
+    assert json.load(f)["num_examples"] == 4
+  from o3lite.training import run_folder  # pylint: disable=g-import-not-at-top
+  sft_run = sft_lib.setup(run_folder.load_config(tiny_run), str(tmp_path / "x"),
+                          run_folder.load_model_config(tiny_run))
+  with pytest.raises(errors.CheckpointError,
+                     match=f"holds a 'rl-{advantage}' state, not the 'sft' state") as e:
+    checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None,
+                                kind="sft").restore(sft_run.abstract_state)
+  assert "corrupt" not in str(e.value)
 
 
 def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
@@ -136,10 +170,10 @@ def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
     config = _config_like(tiny_run, **{"mesh.shape": shape, "rl.advantage": "gae",
                                        "rl.kl_coef": 0.05, "rl.entropy_coef": 0.01})
     run = rl_trainer.setup(config, str(tmp_path / str(shape)), tiny_run)
-    params = checkpoint_lib.restore_params_only(os.path.join(tiny_run, "checkpoints"),
-                                                run.abstract_state.params)
-    state = rl.create_state(params, run.model_cfg, run.tx, run.value_tx, True,
-                            run.shardings, 0)
+    params, _ = checkpoint_lib.restore_params(
+        os.path.join(tiny_run, "checkpoints"),
+        {"policy": run.abstract_state.params["policy"]})
+    state = rl.initial_state(run.spec, params["policy"], True, 0)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 20, 5)) for _ in range(16)]
     completions = [list(rng.integers(3, 20, 6)) for _ in range(16)]
@@ -149,11 +183,12 @@ def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
                  advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
                  returns=rng.normal(size=mask.shape).astype(np.float32) * mask,
                  old_values=np.zeros_like(mask))
-    from o3lite import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
     bs = sharding_lib.batch_sharding(run.mesh, run.rules)
-    update = rl.jit_update_step(rl.make_update_step(run.model_cfg, run.tx, run.value_tx,
-                                                    run.algo), run.shardings, bs,
-                                run.mesh, run.rules)
+    from o3lite.training import losses, step as step_lib  # pylint: disable=g-import-not-at-top
+    loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo)
+    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, run.tx),
+                                     run.shardings, bs, run.mesh, run.rules)
     state, m = update(state, sharding_lib.put_global_batch(batch, bs))
     state, m = update(state, sharding_lib.put_global_batch(batch, bs))
     results.append((jax.device_get(m), jax.device_get(state.params)))
@@ -194,7 +229,7 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
   out = subprocess.run(_cli(killed, tiny_run, steps), cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert f"resumed RL from step {interrupted_at}" in out.stdout
+  assert f"resumed from step {interrupted_at}" in out.stdout
 
   config = _config_like(tiny_run)
   run = rl_trainer.setup(config, straight, tiny_run)
@@ -204,7 +239,8 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
     states.append(ckpt.restore(run.abstract_state))
     ckpt.close()
   (a, pos_a), (b, pos_b) = states
-  assert int(a.step) == int(b.step) == steps and pos_a == pos_b == steps * 8
+  # state.step counts updates: 32 completions a step, minibatches of 16.
+  assert int(a.step) == int(b.step) == 2 * steps and pos_a == pos_b == steps * 8
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with open(os.path.join(killed, "eval.json")) as f, \
@@ -213,12 +249,21 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
 
 
 def test_bad_rl_configs(tiny_run, tmp_path):
-  with pytest.raises(ValueError, match="unknown advantage estimator 'gea'"):
+  with pytest.raises(errors.O3liteError, match="unknown advantage estimator 'gea'"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.advantage": "gea"}), str(tmp_path / "a"))
-  with pytest.raises(ValueError, match="rl.minibatch_size=12 does not divide"):
+  with pytest.raises(errors.O3liteError, match="rl.minibatch_size=12 does not divide"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.minibatch_size": 12}),
                       str(tmp_path / "b"))
-  with pytest.raises(FileNotFoundError, match="not an o3lite run folder"):
+  # The whole config is checked before the SFT warm start runs.
+  with pytest.raises(errors.ConfigError, match="rl.minibatch_size=12 does not divide"):
+    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.minibatch_size": 12,
+                                                "rl.sft_init": ""}), str(tmp_path / "b2"))
+  assert not os.path.exists(tmp_path / "b2" / "sft")
+  with pytest.raises(errors.ConfigError, match="kl_in_reward=True with advantage='grpo'"):
+    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.advantage": "grpo", "rl.kl_coef": 0.1,
+                                                "rl.kl_in_reward": True}),
+                      str(tmp_path / "b3"))
+  with pytest.raises(errors.O3liteError, match="not an o3lite run folder"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.sft_init": str(tmp_path)}),
                       str(tmp_path / "c"))
   assert alg.RLAlgoConfig(advantage="rloo", group_size=2).uses_critic is False
@@ -242,6 +287,6 @@ def test_rl_from_a_hugging_face_folder(tiny_run, tmp_path):
   assert sum(before) / 4 == sft_accuracy
   assert "after_rl" in result
   assert not os.path.exists(os.path.join(workdir, "sft"))  # No warm start.
-  with pytest.raises(ValueError, match="not both"):
+  with pytest.raises(errors.O3liteError, match="not both"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.init_from_hf": hf_dir}),
                       str(tmp_path / "both"))

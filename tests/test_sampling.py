@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from o3lite import model as model_lib
-from o3lite import sampling
+from o3lite import errors
+from o3lite.model import transformer as model_lib
+from o3lite.sampling import sampler as sampling
 
 V, EOS = 37, 2
 
@@ -75,15 +76,15 @@ def test_padding_edge_cases():
   assert tokens.shape == (4, 8) and lengths.tolist() == [8, 1, 8, 8]
   tokens, _ = sampling.pad_prompts([[1] * 9], 1, scfg)
   assert tokens.shape == (1, 16)
-  with pytest.raises(ValueError, match="empty prompt"):
+  with pytest.raises(errors.O3liteError, match="empty prompt"):
     sampling.pad_prompts([[]], 1, scfg)
 
 
-def _full_logprobs(cfg, params, prompt, completion):
+def _full_logprobs(cfg, params, prompt, completion, temperature=1.0):
   seq = jnp.array([list(prompt) + list(completion)])
   logits, _ = model_lib.Transformer(cfg).apply({"params": params}, seq,
                                                jnp.arange(seq.shape[1])[None])
-  logprobs = jax.nn.log_softmax(logits[0], axis=-1)
+  logprobs = jax.nn.log_softmax(logits[0] / temperature, axis=-1)
   n = len(prompt)
   return np.array([float(logprobs[n - 1 + i, t]) for i, t in enumerate(completion)])
 
@@ -99,7 +100,9 @@ def test_logprobs_equal_the_training_forward_pass():
     assert [len(o) for o in out] == [scfg.num_samples] * 2
     for prompt, samples in zip(prompts, out):
       for s in samples:
-        want = _full_logprobs(cfg, params, prompt, s.tokens)
+        # The distribution the tokens were drawn from: logits / temperature (before
+        # top-k / top-p), what the RL learner scores at the same temperature.
+        want = _full_logprobs(cfg, params, prompt, s.tokens, scfg.temperature)
         assert np.max(np.abs(np.array(s.logprobs) - want)) <= 1e-5
 
 
@@ -138,7 +141,7 @@ def test_top_p_keeps_the_nucleus_only():
 
 
 def test_sampling_is_deterministic_for_a_key_and_sharding_does_not_change_it():
-  from o3lite import sharding as sharding_lib
+  from o3lite.parallel import mesh as sharding_lib
   cfg, params = _model(seed=5)
   prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
   scfg = sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, temperature=1.0, num_samples=2)

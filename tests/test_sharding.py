@@ -3,13 +3,16 @@
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from o3lite import model as model_lib
-from o3lite import optimizer as optimizer_lib
-from o3lite import sft
-from o3lite import sharding as sharding_lib
-from o3lite import train_state as train_state_lib
+from o3lite import errors
+from o3lite.model import transformer as model_lib
+from o3lite.training import optimizer as optimizer_lib
+from o3lite.training import losses as losses_lib
+from o3lite.training import step as step_lib
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.training import state as train_state_lib
 
 AXES = ("data", "fsdp", "tensor")
 RULES = sharding_lib.DEFAULT_RULES
@@ -35,11 +38,12 @@ def _losses(mesh_shape, grad_accum=1, steps=3):
   tx, _ = optimizer_lib.make_optimizer(_opt_cfg(), 10)
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding_lib.make_mesh(AXES, mesh_shape, devices)
-  _, shardings = train_state_lib.state_shardings(model_cfg, tx, mesh, RULES)
-  state = train_state_lib.create_train_state(model_cfg, tx, mesh, RULES, seed=0)
+  spec = train_state_lib.policy_spec(model_cfg, tx, mesh, RULES)
+  state = spec.create(seed=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, RULES)
-  step = sft.jit_train_step(sft.make_train_step(model_cfg, tx, grad_accum), shardings,
-                            batch_sharding, mesh, RULES)
+  step = step_lib.jit_train_step(step_lib.make_train_step(
+      losses_lib.get_loss("sft_cross_entropy", model_cfg), tx, grad_accum),
+      spec.shardings, batch_sharding, mesh, RULES)
   batch = sharding_lib.put_global_batch(_batch(), batch_sharding)
   losses = []
   for _ in range(steps):
@@ -59,10 +63,10 @@ def test_sharded_losses_match_one_device(mesh_shape, grad_accum):
   losses, state = _losses(mesh_shape, grad_accum)
   assert reference[-1] < reference[0]  # The steps really train.
   np.testing.assert_allclose(losses, reference, rtol=2e-5, atol=2e-5)
-  kernel = state.params["layer_0"]["mlp"]["gate_kernel"]  # [embed, mlp]
+  kernel = state.params["policy"]["layer_0"]["mlp"]["gate_kernel"]  # [embed, mlp]
   shard_shape = kernel.sharding.shard_shape(kernel.shape)
   assert shard_shape == (kernel.shape[0] // mesh_shape[1], kernel.shape[1] // mesh_shape[2])
-  mu = state.opt_state[1][0].mu["layer_0"]["mlp"]["gate_kernel"]
+  mu = optax.tree_utils.tree_get(state.opt_state, "mu")["policy"]["layer_0"]["mlp"]["gate_kernel"]
   assert mu.sharding == kernel.sharding  # Optimizer state is sharded like its parameter.
 
 
@@ -73,11 +77,11 @@ def test_grad_accumulation_matches_full_batch():
 
 
 def test_mesh_that_does_not_fit_devices_is_an_error():
-  with pytest.raises(sharding_lib.MeshError, match="needs 12 devices"):
+  with pytest.raises(errors.MeshError, match="needs 12 devices"):
     sharding_lib.make_mesh(AXES, (3, 2, 2))
-  with pytest.raises(sharding_lib.MeshError, match="does not fit 8 devices"):
+  with pytest.raises(errors.MeshError, match="does not fit 8 devices"):
     sharding_lib.make_mesh(AXES, (-1, 3, 1))
-  with pytest.raises(sharding_lib.MeshError, match="more than one -1"):
+  with pytest.raises(errors.MeshError, match="more than one -1"):
     sharding_lib.make_mesh(AXES, (-1, -1, 1))
 
 
@@ -85,11 +89,11 @@ def test_mesh_that_does_not_divide_the_model_is_an_error():
   model_cfg = model_lib.ModelConfig.tiny(vocab_size=64)  # 4 heads, 2 kv heads.
   tx, _ = optimizer_lib.make_optimizer(_opt_cfg(), 10)
   mesh = sharding_lib.make_mesh(AXES, (1, 1, 8))
-  with pytest.raises(sharding_lib.MeshError, match="do not divide"):
-    train_state_lib.state_shardings(model_cfg, tx, mesh, RULES)
+  with pytest.raises(errors.MeshError, match="do not divide"):
+    train_state_lib.policy_spec(model_cfg, tx, mesh, RULES)
 
 
 def test_batch_that_does_not_divide_the_mesh_is_an_error():
   mesh = sharding_lib.make_mesh(AXES, (4, 2, 1))
-  with pytest.raises(sharding_lib.MeshError, match="batch size 12"):
+  with pytest.raises(errors.MeshError, match="batch size 12"):
     sharding_lib.check_batch(12, mesh, RULES)

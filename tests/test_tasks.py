@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from o3lite import formatting
-from o3lite import tasks
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import tasks
 
 
 def _problems(name, n=200, seed=0, **difficulty):
@@ -23,13 +24,13 @@ def test_registry():
 
 
 def test_unknown_task_and_knobs_raise():
-  with pytest.raises(ValueError, match=r"'nope'.*opchain"):
+  with pytest.raises(errors.O3liteError, match=r"'nope'.*opchain"):
     tasks.get_task("nope")
-  with pytest.raises(ValueError, match=r"'digits'.*'steps', 'modulus'"):
+  with pytest.raises(errors.O3liteError, match=r"'digits'.*'steps', 'modulus'"):
     tasks.get_task("opchain", digits=3)
-  with pytest.raises(ValueError, match="modulus=1"):
+  with pytest.raises(errors.O3liteError, match="modulus=1"):
     tasks.get_task("opchain", modulus=1)
-  with pytest.raises(ValueError, match="digits='3'"):
+  with pytest.raises(errors.O3liteError, match="digits='3'"):
     tasks.get_task("addition", digits="3")
   with pytest.raises(ValueError, match="already registered"):
     tasks.register_task("opchain")(tasks.OpChain)
@@ -181,9 +182,9 @@ def test_generate_split_disjoint_and_deterministic():
 
 def test_generate_split_errors():
   task = tasks.get_task("opchain", steps=1, modulus=2)  # 12 questions.
-  with pytest.raises(ValueError, match="too few distinct train questions"):
+  with pytest.raises(errors.O3liteError, match="too few distinct train questions"):
     tasks.generate_split(task, "train", 20, seed=0)
-  with pytest.raises(ValueError, match="'dev'"):
+  with pytest.raises(errors.O3liteError, match="'dev'"):
     tasks.generate_split(task, "dev", 1, seed=0)
   everything = [task.generate(np.random.default_rng(i)) for i in range(500)]
   train = {p.question for p in everything if tasks.split_of(p.question)

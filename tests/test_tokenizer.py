@@ -6,9 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from o3lite import formatting
-from o3lite import tasks
-from o3lite import tokenizer as tokenizer_lib
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import tasks
+from o3lite.data import sources
+from o3lite.data import tokenizers as tokenizer_lib
 
 ODD_TEXTS = [
     "", " ", "  two  spaces\n\n\tand a tab ", " leading", "trailing\n",
@@ -77,9 +79,9 @@ def test_sentencepiece_save_reload(sp_tokenizer, tmp_path):
 
 
 def test_sentencepiece_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.model"):
+  with pytest.raises(errors.O3liteError, match="nope.model"):
     tokenizer_lib.SentencePieceTokenizer(str(tmp_path / "nope.model"))
-  with pytest.raises(ValueError, match="vocab_size=20 is too small"):
+  with pytest.raises(errors.O3liteError, match="vocab_size=20 is too small"):
     tokenizer_lib.train_sentencepiece(_texts(5), 20, str(tmp_path / "small"))
 
 
@@ -106,7 +108,7 @@ def _data_cfg(data_dir, **overrides):
 
 def test_get_tokenizer_trains_and_caches(tmp_path, monkeypatch):
   cfg = _data_cfg(tmp_path / "a")
-  tok = tokenizer_lib.get_tokenizer(cfg)
+  tok = sources.get_tokenizer(cfg)
   assert tok.path.startswith(str(tmp_path / "a"))
   assert os.path.basename(tok.path) == "spm_bpe_v320.model"
   assert "opchain-steps3-modulus10-n200-20-20-s0" in tok.path
@@ -117,19 +119,19 @@ def test_get_tokenizer_trains_and_caches(tmp_path, monkeypatch):
     raise AssertionError("retrained a cached tokenizer")
 
   monkeypatch.setattr(tokenizer_lib, "train_sentencepiece", fail)
-  cached = tokenizer_lib.get_tokenizer(cfg)
+  cached = sources.get_tokenizer(cfg)
   assert cached.path == tok.path and os.path.getmtime(tok.path) == mtime
   monkeypatch.undo()
 
-  again = tokenizer_lib.get_tokenizer(_data_cfg(tmp_path / "b"))
+  again = sources.get_tokenizer(_data_cfg(tmp_path / "b"))
   assert again.vocab_size == tok.vocab_size  # Same data -> same tokenizer.
   for text in _texts(20):
     assert again.encode(text) == tok.encode(text)
-  other = tokenizer_lib.get_tokenizer(_data_cfg(tmp_path / "a",
+  other = sources.get_tokenizer(_data_cfg(tmp_path / "a",
                                                 vocab_size=300))
   assert other.path != tok.path
 
-  explicit = tokenizer_lib.get_tokenizer(
+  explicit = sources.get_tokenizer(
       _data_cfg(tmp_path, tokenizer=tok.path))
   assert isinstance(explicit, tokenizer_lib.SentencePieceTokenizer)
   assert explicit.encode("3 +4 mod 10\n") == tok.encode("3 +4 mod 10\n")
@@ -137,8 +139,8 @@ def test_get_tokenizer_trains_and_caches(tmp_path, monkeypatch):
 
 def test_get_tokenizer_bad_path(tmp_path):
   for name in ("missing.txt", "gone.model"):
-    with pytest.raises(FileNotFoundError, match=name):
-      tokenizer_lib.get_tokenizer(
+    with pytest.raises(errors.O3liteError, match=name):
+      sources.get_tokenizer(
           _data_cfg(tmp_path, tokenizer=str(tmp_path / name)))
 
 
@@ -165,10 +167,11 @@ def _save_hf_tokenizer(directory, with_pad):
 
 def test_hf_tokenizer(tmp_path):
   base_size = _save_hf_tokenizer(tmp_path / "hf", with_pad=False)
-  tok = tokenizer_lib.get_tokenizer(_data_cfg(tmp_path,
+  tok = sources.get_tokenizer(_data_cfg(tmp_path,
                                               tokenizer=str(tmp_path / "hf")))
   assert isinstance(tok, tokenizer_lib.HFTokenizer)
   assert tok.vocab_size == base_size + 2  # The two think delimiters.
+  assert tok.base_size == base_size and tok.added_ids == [base_size, base_size + 1]
   assert tok.encode("<think>") == [tok.think_start_id]
   assert tok.encode("</think>") == [tok.think_end_id]
   assert tok.eos_id == 0 and tok.pad_id == tok.eos_id
@@ -192,5 +195,5 @@ def test_hf_tokenizer_pad_and_errors(tmp_path):
   assert tok.pad_id == 1 and tok.eos_id == 0
   ids = tok.encode("12")
   assert tok.decode([tok.pad_id] + ids + [tok.pad_id]) == "12"
-  with pytest.raises(FileNotFoundError, match="no_such_dir"):
+  with pytest.raises(errors.O3liteError, match="no_such_dir"):
     tokenizer_lib.HFTokenizer(str(tmp_path / "no_such_dir"))

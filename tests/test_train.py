@@ -1,5 +1,6 @@
 """End-to-end SFT runs: outputs, resume after SIGKILL, and bad input on the command line."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -8,12 +9,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import sft as sft_config
-from o3lite import checkpoint as checkpoint_lib
-from o3lite import trainer
+from o3lite import errors
+from o3lite.training import checkpoint as checkpoint_lib
+from o3lite.training import sft as trainer
 import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +60,7 @@ def _env():
 
 def test_sft_run_writes_every_output(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  metrics = trainer.run_sft(_config(data_dir, 20, **{"train.checkpoint_every": 10}), workdir)
+  metrics = trainer.run_sft(_config(data_dir, 20, **{"train.checkpoint_every": 10}), workdir).metrics
   assert metrics["split"] == "test" and metrics["num_examples"] == 16
   with open(os.path.join(workdir, "eval.json")) as f:
     on_disk = json.load(f)
@@ -145,7 +148,7 @@ def test_wrong_type_is_an_error(tmp_path, data_dir):
 
 def test_missing_data_folder_is_an_error(tmp_path, data_dir):
   config = _config(data_dir, 5, **{"data.source": "gsm8k", "data.path": str(tmp_path / "nope")})
-  with pytest.raises(FileNotFoundError, match="nope"):
+  with pytest.raises(errors.O3liteError, match="nope"):
     trainer.run_sft(config, str(tmp_path / "run"))
 
 
@@ -155,13 +158,13 @@ def test_malformed_jsonl_is_an_error_naming_file_and_line(tmp_path, data_dir):
   good = json.dumps({"question": "1+1", "answer": "2"})
   (folder / "train.jsonl").write_text(good + "\n" + good + "\n{not json\n")
   config = _config(data_dir, 5, **{"data.source": "jsonl", "data.path": str(folder)})
-  with pytest.raises(ValueError, match=r"train\.jsonl:3"):
+  with pytest.raises(errors.O3liteError, match=r"train\.jsonl:3"):
     trainer.run_sft(config, str(tmp_path / "run"))
 
 
 def test_missing_init_checkpoint_is_an_error(tmp_path, data_dir):
   config = _config(data_dir, 5, **{"train.init_from": str(tmp_path / "absent")})
-  with pytest.raises(checkpoint_lib.CheckpointError, match="absent"):
+  with pytest.raises(errors.CheckpointError, match="absent"):
     trainer.run_sft(config, str(tmp_path / "run"))
 
 
@@ -176,7 +179,7 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   before = sorted(os.listdir(ckpt_dir))
   snapshot = str(tmp_path / "snapshot")
   shutil.copytree(ckpt_dir, snapshot)
-  with pytest.raises(checkpoint_lib.CheckpointError, match="corrupt"):
+  with pytest.raises(errors.CheckpointError, match="corrupt"):
     trainer.run_sft(_config(data_dir, 20, **{"train.checkpoint_every": 5}), workdir)
   assert sorted(os.listdir(ckpt_dir)) == before
   for path in glob.glob(os.path.join(snapshot, "**", "*"), recursive=True):
@@ -196,5 +199,162 @@ def test_interrupted_save_does_not_block_restore(tmp_path, data_dir):
   with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
     f.write("{")
   assert checkpoint_lib.Checkpointer(ckpt_dir, 5, 3).latest_step() == 10
-  metrics = trainer.run_sft(_config(data_dir, 15, **{"train.checkpoint_every": 5}), workdir)
+  metrics = trainer.run_sft(_config(data_dir, 15, **{"train.checkpoint_every": 5}), workdir).metrics
   assert metrics["step"] == 15
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite steps.
+
+
+def _poisoned_loss(model_cfg):
+  """SFT cross-entropy, made NaN on batches whose `poison` is set."""
+  from o3lite.training import losses  # pylint: disable=g-import-not-at-top
+  inner = losses.get_loss("sft_cross_entropy", model_cfg)
+
+  def loss_fn(params, frozen, batch):
+    out = inner(params, frozen, batch)
+    poison = jnp.where(jnp.max(batch["poison"]) > 0, jnp.nan, 0.0)
+    return dataclasses.replace(out, loss_sum=out.loss_sum + poison)
+  return loss_fn
+
+
+def _tiny_step(tmp_path):
+  from o3lite.model import transformer as model_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  model_cfg = model_lib.ModelConfig.tiny(vocab_size=32)
+  tx, _ = optimizer_lib.make_optimizer(sft_config.get_config().optimizer, 100)
+  mesh = sharding_lib.make_mesh(("data", "fsdp", "tensor"), (1, 1, 1), jax.devices()[:1])
+  spec = state_lib.policy_spec(model_cfg, tx, mesh, sharding_lib.DEFAULT_RULES)
+  step = step_lib.jit_train_step(step_lib.make_train_step(_poisoned_loss(model_cfg), tx),
+                                 spec.shardings, None, mesh, sharding_lib.DEFAULT_RULES)
+  rng = np.random.default_rng(0)
+
+  def batch(poison):
+    return dict(inputs=rng.integers(0, 32, (4, 8)).astype(np.int32),
+                targets=rng.integers(0, 32, (4, 8)).astype(np.int32),
+                loss_mask=np.ones((4, 8), np.float32),
+                segment_ids=np.ones((4, 8), np.int32),
+                positions=np.tile(np.arange(8), (4, 1)).astype(np.int32),
+                poison=np.full((4, 8), float(poison), np.float32))
+  return spec, step, batch
+
+
+def test_a_non_finite_step_is_not_applied(tmp_path):
+  spec, step, batch = _tiny_step(tmp_path)
+  state = spec.create(seed=0)
+  state, metrics = step(state, batch(poison=False))
+  assert float(metrics["nonfinite"]) == 0 and int(state.step) == 1
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = step(state, batch(poison=True))
+  assert float(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 2  # Counted (the data moved on), not applied:
+  after = jax.device_get((state.params, state.opt_state))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)
+  state, metrics = step(state, batch(poison=False))  # And training goes on.
+  assert float(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_a_run_of_non_finite_steps_stops_the_loop_and_keeps_checkpoints(tmp_path):
+  from o3lite.training import loop as loop_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.training import metric_writer  # pylint: disable=g-import-not-at-top
+  spec, step, batch = _tiny_step(tmp_path)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"), 1, 10, async_save=False,
+                                     kind="sft")
+  writer = metric_writer.MetricWriter(str(tmp_path), 20)
+
+  def iterate(state, position, i):  # Steps 4, 5, 6, ... are NaN.
+    state, metrics = step(state, batch(poison=i >= 3))
+    return state, position + 1, metrics
+
+  loop = loop_lib.Loop(num_steps=20, log_every=1, max_nonfinite_in_a_row=3)
+  with pytest.raises(errors.NonFiniteError, match="3 non-finite steps in a row, the last "
+                     "at step 6.*last checkpoint at step 3"):
+    loop_lib.fit(spec.create(0), iterate, loop, ckpt, writer)
+  assert ckpt.all_steps() == [1, 2, 3]  # Nothing saved after the first NaN step.
+  state, position = ckpt.restore(spec.abstract)
+  assert int(state.step) == 3 and position == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+  with open(tmp_path / "metrics.jsonl") as f:
+    logged = [json.loads(l) for l in f]
+  assert [l["nonfinite"] for l in logged] == [0, 0, 0, 1, 1, 1]
+  assert logged[-1]["nonfinite_steps"] == 3
+  writer.close()
+  ckpt.close()
+
+
+def test_nan_learning_rate_is_a_one_line_error(tmp_path, data_dir):
+  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.optimizer.learning_rate=nan")
+  assert err.strip().splitlines()[-1] == (
+      "o3lite: ConfigError: optimizer.learning_rate=nan is not a finite number")
+  assert "Traceback" not in err
+  assert not os.path.exists(tmp_path / "bad" / "config.json")  # Checked before any work.
+
+
+# ---------------------------------------------------------------------------------------
+# Run folders, and what a new user tries.
+
+
+def test_rerun_with_another_model_shape_is_refused_and_the_run_is_kept(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  trainer.run_sft(_config(data_dir, 5, **{"train.checkpoint_every": 5}), workdir)
+  saved = {name: open(os.path.join(workdir, name), "rb").read()
+           for name in ("config.json", "model_config.json")}
+  steps = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 5, 3).all_steps()
+  for key, value in (("model.embed_dim", 96), ("data.seq_len", 48),
+                     ("data.vocab_size", 100)):
+    with pytest.raises(errors.RunFolderError, match=rf"{key}={value} \(saved: "):
+      trainer.run_sft(_config(data_dir, 10, **{key: value}), workdir)
+  for name, content in saved.items():  # Nothing was rewritten.
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read() == content, name
+  assert checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 5,
+                                     3).all_steps() == steps
+  run, params = trainer.load_run(workdir)  # The run still evaluates.
+  assert run.model_cfg.embed_dim == 64 and jax.tree.leaves(params)
+  # A longer run with the same model and data resumes.
+  trainer.run_sft(_config(data_dir, 10, **{"train.checkpoint_every": 5}), workdir)
+
+
+def test_what_a_new_user_tries(tmp_path, data_dir):
+  # A --config file that does not exist.
+  out = subprocess.run([sys.executable, "-m", "o3lite.train", "--config=configs/nope.py"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("o3lite: config error: ")
+  assert "configs/nope.py" in out.stderr
+  # A --workdir that is a file.
+  (tmp_path / "afile").write_text("x")
+  out = subprocess.run(_cli(str(tmp_path / "afile"), data_dir, 5), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"o3lite: RunFolderError: --workdir={tmp_path / 'afile'} is a file, not a folder")
+  assert (tmp_path / "afile").read_text() == "x"
+  # evaluate pointed at a folder that is not a run.
+  (tmp_path / "notarun").mkdir()
+  out = subprocess.run([sys.executable, "-m", "o3lite.evaluate",
+                        f"--workdir={tmp_path / 'notarun'}"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"o3lite: RunFolderError: {tmp_path / 'notarun'} is not a run folder: no config.json"]
+
+
+def test_a_bug_shows_its_traceback(tmp_path):
+  """Only o3lite's own error types become one line: a ValueError from inside the run (a
+  bug, in o3lite or a library) keeps its traceback and a non-zero exit."""
+  code = ("import sys; from absl import app; import o3lite.train as t; "
+          "from o3lite.training import sft\n"
+          "def boom(config, workdir): raise ValueError('a bug deep inside')\n"
+          "sft.run_sft = boom\n"
+          f"sys.argv = ['train', '--workdir={tmp_path / 'w'}']\n"
+          "app.run(t.main, flags_parser=t._parse_flags)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "Traceback" in out.stderr and "ValueError: a bug deep inside" in out.stderr
+  assert "o3lite: ValueError" not in out.stderr

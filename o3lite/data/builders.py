@@ -28,7 +28,8 @@ from typing import Any
 from etils import epath
 import tensorflow_datasets as tfds
 
-from o3lite import tasks
+from o3lite import errors
+from o3lite.data import tasks
 
 tfds.disable_progress_bar()
 # TFDS warns about every config that is not declared in BUILDER_CONFIGS; ours
@@ -108,7 +109,7 @@ class ReasoningTasks(_Builder, skip_registration=True):
     difficulty = tasks.get_task(task, **task_kwargs).difficulty
     sizes = tuple(int(n) for n in num_examples)
     if len(sizes) != len(SPLITS) or min(sizes) < 0:
-      raise ValueError(f"num_examples must be 3 sizes >= 0, got {sizes}.")
+      raise errors.ConfigError(f"num_examples must be 3 sizes >= 0, got {sizes}.")
     knobs = "".join(f"-{k}{v}" for k, v in difficulty.items())
     name = f"{task}{knobs}-n{'-'.join(map(str, sizes))}-s{seed}"
     return ReasoningTasksConfig(name=name, task=task, task_kwargs=difficulty,
@@ -152,24 +153,24 @@ def read_jsonl(path: str,
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"invalid JSON ({e.msg})") from None
+          raise errors.DataError(f"invalid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-          raise ValueError(
+          raise errors.DataError(
               f"expected a JSON object, got {type(record).__name__}")
         examples.append(parse(record))
-      except ValueError as e:
-        raise ValueError(f"{path}:{line_number}: {e}") from None
+      except errors.DataError as e:
+        raise errors.DataError(f"{path}:{line_number}: {e}") from None
   return examples
 
 
 def _get_str(record: Mapping[str, Any], key: str, required: bool = True) -> str:
   if key not in record:
     if required:
-      raise ValueError(f"missing key {key!r}")
+      raise errors.DataError(f"missing key {key!r}")
     return ""
   value = record[key]
   if not isinstance(value, str):
-    raise ValueError(f"key {key!r} must be a string, got "
+    raise errors.DataError(f"key {key!r} must be a string, got "
                      f"{type(value).__name__}")
   return value
 
@@ -186,10 +187,10 @@ def parse_gsm8k(record: Mapping[str, Any]) -> Example:
   question = _get_str(record, "question").strip()
   solution, marker, answer = _get_str(record, "answer").rpartition("####")
   if not marker:
-    raise ValueError("answer has no '####' final-answer line")
+    raise errors.DataError("answer has no '####' final-answer line")
   answer = answer.strip().replace(",", "")
   if not answer:
-    raise ValueError("empty final answer after '####'")
+    raise errors.DataError("empty final answer after '####'")
   cot = "\n".join(_lines(_CALCULATOR.sub("", solution)))
   return {"question": question, "cot": cot, "answer": answer}
 
@@ -200,9 +201,9 @@ def parse_record(record: Mapping[str, Any]) -> Example:
   answer = _get_str(record, "answer").strip()
   cot = "\n".join(_lines(_get_str(record, "cot", required=False)))
   if not question:
-    raise ValueError("empty 'question'")
+    raise errors.DataError("empty 'question'")
   if not answer:
-    raise ValueError("empty 'answer'")
+    raise errors.DataError("empty 'answer'")
   return {"question": question, "cot": cot, "answer": answer}
 
 
@@ -228,14 +229,27 @@ class FolderConfig(tfds.core.BuilderConfig):
   path: str = ""
 
 
+def _content_key(path: str) -> str:
+  """The folder and every JSONL file in it by name, size and modification time: a file
+  edited in place (or added, or removed) gives another key, so the prepared copy is
+  rebuilt instead of silently serving stale data."""
+  parts = [path]
+  if os.path.isdir(path):
+    for name in sorted(os.listdir(path)):
+      if name.endswith(".jsonl"):
+        stat = os.stat(os.path.join(path, name))
+        parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+  return "|".join(parts)
+
+
 def _folder_config(prefix: str, path: str) -> FolderConfig:
   path = os.path.abspath(os.path.expanduser(path))
-  return FolderConfig(name=f"{prefix}-{_short_hash(path)}", path=path)
+  return FolderConfig(name=f"{prefix}-{_short_hash(_content_key(path))}", path=path)
 
 
 def _require_folder(path: str, what: str) -> None:
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{what} folder not found: {path}")
+    raise errors.DataError(f"{what} folder not found: {path}")
 
 
 class Gsm8k(_Builder, skip_registration=True):
@@ -279,7 +293,7 @@ class JsonlDataset(_Builder, skip_registration=True):
   def make_config(path: str) -> FolderConfig:
     """Config for the folder `path`."""
     if not path:
-      raise ValueError("JsonlDataset needs a folder path.")
+      raise errors.ConfigError("JsonlDataset needs a folder path.")
     return _folder_config("jsonl", path)
 
   def _split_generators(self, dl_manager):
@@ -288,8 +302,10 @@ class JsonlDataset(_Builder, skip_registration=True):
     _require_folder(path, "JSONL dataset")
     train_file = os.path.join(path, "train.jsonl")
     if not os.path.isfile(train_file):
-      raise FileNotFoundError(f"JSONL dataset has no train.jsonl: {train_file}")
+      raise errors.DataError(f"JSONL dataset has no train.jsonl: {train_file}")
     splits = {"train": read_jsonl(train_file, parse_record)}
+    if not splits["train"]:
+      raise errors.DataError(f"{train_file} has no examples (empty file)")
     for split, (low, high) in self.CARVE.items():
       file = os.path.join(path, f"{split}.jsonl")
       if os.path.isfile(file):

@@ -11,13 +11,20 @@ or anything with these attributes):
   num_train, num_validation, num_test, seed   split sizes and seed (task)
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import logging
+import os
+import tempfile
 
 import tensorflow_datasets as tfds
 
-from o3lite import tasks
+from o3lite import errors
+from o3lite.data import tasks
 from o3lite.data import builders
+from o3lite.data import formatting
+from o3lite.data import tokenizers
 
 SOURCES = ("task", "gsm8k", "jsonl")
 
@@ -51,7 +58,7 @@ def get_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     builder_cls = builders.JsonlDataset
     config = builder_cls.make_config(data_cfg.path)
   else:
-    raise ValueError(f"Unknown data source {source!r}; valid: {list(SOURCES)}.")
+    raise errors.ConfigError(f"Unknown data source {source!r}; valid: {list(SOURCES)}.")
   builder = builder_cls(data_dir=data_cfg.data_dir, config=config,
                         file_format="array_record")
   builder.download_and_prepare()
@@ -64,7 +71,7 @@ def load_examples(data_cfg: Any, split: str) -> Sequence[dict[str, str]]:
   The order is the (deterministic) order of the prepared files.
   """
   if split not in builders.SPLITS:
-    raise ValueError(
+    raise errors.ConfigError(
         f"Unknown split {split!r}; valid: {list(builders.SPLITS)}.")
   source = get_builder(data_cfg).as_data_source(split)
   records = source.__getitems__(range(len(source))) if len(source) else []
@@ -78,5 +85,43 @@ def get_checker(data_cfg: Any) -> Callable[[str | None, str], bool]:
     return tasks.get_task(data_cfg.task, **_as_dict(data_cfg.task_kwargs)).check
   if data_cfg.source in SOURCES:
     return tasks.numeric_match
-  raise ValueError(
+  raise errors.ConfigError(
       f"Unknown data source {data_cfg.source!r}; valid: {list(SOURCES)}.")
+
+
+def _training_texts(examples: Iterable[dict[str, str]]) -> Iterable[str]:
+  for ex in examples:
+    yield (formatting.format_prompt(ex["question"])
+           + formatting.format_completion(ex["cot"], ex["answer"]))
+
+
+def get_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
+  """The tokenizer of a data config.
+
+  `data_cfg.tokenizer` is a `.model` file (SentencePiece), a folder (Hugging
+  Face), or "": then a SentencePiece model of `data_cfg.vocab_size` pieces is
+  trained on the train split's prompts + completions (with CoT) and cached in
+  the prepared dataset's folder, so the same data always get the same one.
+  """
+  path = data_cfg.tokenizer
+  if path:
+    if os.path.isdir(path):
+      return tokenizers.HFTokenizer(path)
+    if path.endswith(".model"):
+      return tokenizers.SentencePieceTokenizer(path)
+    raise errors.ConfigError(f"Tokenizer {path!r} is neither a SentencePiece "
+                            ".model file nor a Hugging Face folder.")
+  builder = get_builder(data_cfg)
+  cached = os.path.join(os.fspath(builder.data_dir), "tokenizer",
+                        f"spm_bpe_v{data_cfg.vocab_size}.model")
+  if not os.path.isfile(cached):
+    examples = load_examples(data_cfg, "train")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(cached)) as tmp:
+      trained = tokenizers.train_sentencepiece(_training_texts(examples),
+                                    data_cfg.vocab_size,
+                                    os.path.join(tmp, "spm"))
+      os.replace(trained.path, cached)  # Atomic: readers see all or nothing.
+    logging.info("Trained tokenizer %s (%d pieces).", cached,
+                 trained.vocab_size)
+  return tokenizers.SentencePieceTokenizer(cached)

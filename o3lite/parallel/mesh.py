@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from o3lite import errors
+
 Rules = tuple[tuple[str, Any], ...]
 
 # Logical axis -> mesh axes. `batch` over data and fsdp; parameters' `embed` over fsdp
@@ -35,8 +37,6 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class MeshError(ValueError):
-  """A mesh that does not fit the devices, the model or the batch."""
 
 
 def make_mesh(axis_names: Sequence[str], shape: Sequence[int],
@@ -45,18 +45,18 @@ def make_mesh(axis_names: Sequence[str], shape: Sequence[int],
   devices = list(jax.devices() if devices is None else devices)
   axis_names, shape = tuple(axis_names), list(shape)
   if len(axis_names) != len(shape):
-    raise MeshError(f"mesh axes {axis_names} and shape {tuple(shape)} differ in length")
+    raise errors.MeshError(f"mesh axes {axis_names} and shape {tuple(shape)} differ in length")
   if shape.count(-1) > 1:
-    raise MeshError(f"mesh shape {tuple(shape)} has more than one -1")
+    raise errors.MeshError(f"mesh shape {tuple(shape)} has more than one -1")
   if any(s == 0 or s < -1 for s in shape):
-    raise MeshError(f"mesh shape {tuple(shape)} has an invalid size")
+    raise errors.MeshError(f"mesh shape {tuple(shape)} has an invalid size")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise MeshError(f"mesh shape {tuple(shape)} does not fit {len(devices)} devices")
+      raise errors.MeshError(f"mesh shape {tuple(shape)} does not fit {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise MeshError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+    raise errors.MeshError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
                     f"but {len(devices)} are available")
   # Auto axes: XLA's partitioner places the activations from the parameters' shardings
   # and the `with_logical_constraint` hints.
@@ -80,7 +80,7 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules: Rules):
 
 
 def check_divisible(abstract_boxed_tree, mesh: Mesh, rules: Rules) -> None:
-  """Raise MeshError naming the first array dimension the mesh cannot split evenly."""
+  """Raise errors.MeshError naming the first array dimension the mesh cannot split evenly."""
   rule_map = dict(rules)
   flat = jax.tree_util.tree_flatten_with_path(
       abstract_boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
@@ -92,7 +92,7 @@ def check_divisible(abstract_boxed_tree, mesh: Mesh, rules: Rules) -> None:
       axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
-        raise MeshError(
+        raise errors.MeshError(
             f"mesh axes {axes} of size {size} do not divide {name}={dim} of "
             f"{jax.tree_util.keystr(path)}; choose a mesh shape that divides it")
 
@@ -115,7 +115,7 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
 def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
   axes, size = _batch_axes(mesh, rules), batch_shards(mesh, rules)
   if batch_size % size:
-    raise MeshError(f"batch size {batch_size} is not divisible by the {size} devices "
+    raise errors.MeshError(f"batch size {batch_size} is not divisible by the {size} devices "
                     f"of mesh axes {axes}")
 
 

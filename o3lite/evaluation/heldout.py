@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from o3lite import formatting
-from o3lite import sampling
+from o3lite.data import formatting
+from o3lite.sampling import sampler as sampling
 
 Checker = Callable[[str | None, str], bool]
 
@@ -108,6 +108,12 @@ def evaluate(params, model_cfg, examples: Sequence[dict], tokenizer, checker: Ch
             for o, ex in zip(outs, examples)]
     metrics[f"accuracy@think_budget={int(budget)}"] = float(np.mean(hits))
   return metrics, samples
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  """The numeric entries of an evaluation's metrics (for metrics.jsonl / TensorBoard)."""
+  return {k: v for k, v in metrics.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
 def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict],

@@ -13,7 +13,8 @@ import concurrent.futures
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
-from o3lite import formatting
+from o3lite import errors
+from o3lite.data import formatting
 
 REWARDS: dict[str, Callable[..., float]] = {}
 
@@ -57,17 +58,26 @@ class Scores:
   timeouts: int  # Calls that ran past the timeout.
 
 
+def validate_weights(weights: Mapping[str, float],
+                     table: Mapping[str, Callable[..., float]] | None = None) -> None:
+  """A ConfigError for unknown reward names or an empty set of rewards."""
+  table = REWARDS if table is None else table
+  unknown = sorted(set(weights) - set(table))
+  if unknown:
+    raise errors.ConfigError(
+        f"unknown reward function(s) {unknown}; registered: {sorted(table)}")
+  if not weights:
+    raise errors.ConfigError(
+        "rl.rewards is empty: give at least one reward function a weight")
+
+
 class RewardScorer:
   """Scores completions with weighted reward functions, isolating their failures."""
 
   def __init__(self, weights: Mapping[str, float], checker, timeout_s: float = 5.0,
                rewards: Mapping[str, Callable[..., float]] | None = None):
     table = REWARDS if rewards is None else rewards
-    unknown = sorted(set(weights) - set(table))
-    if unknown:
-      raise ValueError(f"unknown reward function(s) {unknown}; registered: {sorted(table)}")
-    if not weights:
-      raise ValueError("rl.rewards is empty: give at least one reward function a weight")
+    validate_weights(weights, table)
     self.fns = {name: table[name] for name in weights}
     self.weights = dict(weights)
     self.checker = checker

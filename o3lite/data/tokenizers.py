@@ -4,7 +4,7 @@ Both expose the same small interface (`Tokenizer`): `encode` adds no EOS,
 `decode` stops at the first EOS and drops padding, and the think delimiters of
 `o3lite.formatting` are single ids.
 
-  tokenizer = get_tokenizer(config.data)
+  tokenizer = sources.get_tokenizer(config.data)   # o3lite.data.sources
 """
 
 import logging
@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import sentencepiece as spm
 
-from o3lite import formatting
+from o3lite import errors
+from o3lite.data import formatting
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -54,7 +55,7 @@ def _until_eos(ids: Sequence[int], eos_id: int, pad_id: int) -> list[int]:
 def _single_id(tokenizer: Tokenizer, text: str) -> int:
   ids = tokenizer.encode(text)
   if len(ids) != 1:
-    raise ValueError(f"{text!r} is not a single token in {tokenizer.path}: "
+    raise errors.DataError(f"{text!r} is not a single token in {tokenizer.path}: "
                      f"{ids}.")
   return ids[0]
 
@@ -64,14 +65,14 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_file: str):
     if not os.path.isfile(model_file):
-      raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
+      raise errors.ConfigError(f"SentencePiece model not found: {model_file}")
     self.path = model_file
     self._sp = spm.SentencePieceProcessor(model_file=model_file)
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = self._sp.pad_id()
     self.eos_id = self._sp.eos_id()
     if self.eos_id < 0:
-      raise ValueError(f"{model_file} has no EOS piece.")
+      raise errors.DataError(f"{model_file} has no EOS piece.")
     self.think_start_id = _single_id(self, formatting.THINK_START)
     self.think_end_id = _single_id(self, formatting.THINK_END)
 
@@ -122,7 +123,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
     chars.update(text)
   required = _NUM_META_PIECES + len(_SPECIAL_PIECES) + len(chars)
   if vocab_size < required:
-    raise ValueError(
+    raise errors.ConfigError(
         f"vocab_size={vocab_size} is too small: the data have {len(chars)} "
         f"distinct characters, so at least {required} pieces are needed.")
   byte_fallback = vocab_size >= required + _NUM_BYTE_PIECES
@@ -150,7 +151,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
         minloglevel=2,
     )
   except RuntimeError as e:
-    raise ValueError(f"SentencePiece training failed (vocab_size="
+    raise errors.DataError(f"SentencePiece training failed (vocab_size="
                      f"{vocab_size}): {e}") from e
   return SentencePieceTokenizer(model_prefix + ".model")
 
@@ -160,23 +161,34 @@ class HFTokenizer:
 
   The think delimiters are added as special tokens if they are not single
   tokens already; `vocab_size` then counts them, so the model's embedding
-  must be resized to it.
+  must be resized to it. `added_ids` are their ids, `base_size` the number of
+  tokens the folder's tokenizer had (the rows a checkpoint trained), so the
+  importer can give the new rows the mean of the trained ones, even where the
+  embedding already had spare rows (Qwen2.5: 151,936 rows, 151,665 tokens).
   """
 
   def __init__(self, local_dir: str):
     if not os.path.isdir(local_dir):
-      raise FileNotFoundError(f"Hugging Face tokenizer folder not found: "
+      raise errors.ConfigError(f"Hugging Face tokenizer folder not found: "
                               f"{local_dir}")
     import transformers  # pylint: disable=g-import-not-at-top
 
     self.path = local_dir
-    self._tok = transformers.AutoTokenizer.from_pretrained(
-        local_dir, local_files_only=True)
+    try:
+      self._tok = transformers.AutoTokenizer.from_pretrained(
+          local_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # transformers' "cannot load" errors.
+      reason = " ".join(str(e).split())[:200]
+      raise errors.DataError(f"{local_dir}: no Hugging Face tokenizer could be loaded "
+                             f"from it ({type(e).__name__}: {reason})") from e
+    self.base_size = len(self._tok)
+    self.added_ids: list[int] = []
     for delimiter in (formatting.THINK_START, formatting.THINK_END):
       if len(self.encode(delimiter)) != 1:
         self._tok.add_tokens([delimiter], special_tokens=True)
+        self.added_ids.append(self._tok.convert_tokens_to_ids(delimiter))
     if self._tok.eos_token_id is None:
-      raise ValueError(f"Tokenizer in {local_dir} has no EOS token.")
+      raise errors.DataError(f"Tokenizer in {local_dir} has no EOS token.")
     self.eos_id = self._tok.eos_token_id
     pad = self._tok.pad_token_id
     self.pad_id = self.eos_id if pad is None else pad
@@ -194,46 +206,6 @@ class HFTokenizer:
 
   def save(self, directory: str) -> None:
     self._tok.save_pretrained(directory)
-
-
-def _training_texts(examples: Iterable[dict[str, str]]) -> Iterable[str]:
-  for ex in examples:
-    yield (formatting.format_prompt(ex["question"])
-           + formatting.format_completion(ex["cot"], ex["answer"]))
-
-
-def get_tokenizer(data_cfg: Any) -> Tokenizer:
-  """The tokenizer of a data config.
-
-  `data_cfg.tokenizer` is a `.model` file (SentencePiece), a folder (Hugging
-  Face), or "": then a SentencePiece model of `data_cfg.vocab_size` pieces is
-  trained on the train split's prompts + completions (with CoT) and cached in
-  the prepared dataset's folder, so the same data always get the same one.
-  """
-  path = data_cfg.tokenizer
-  if path:
-    if os.path.isdir(path):
-      return HFTokenizer(path)
-    if path.endswith(".model"):
-      return SentencePieceTokenizer(path)
-    raise FileNotFoundError(f"Tokenizer {path!r} is neither a SentencePiece "
-                            ".model file nor a Hugging Face folder.")
-  from o3lite.data import sources  # pylint: disable=g-import-not-at-top
-
-  builder = sources.get_builder(data_cfg)
-  cached = os.path.join(os.fspath(builder.data_dir), "tokenizer",
-                        f"spm_bpe_v{data_cfg.vocab_size}.model")
-  if not os.path.isfile(cached):
-    examples = sources.load_examples(data_cfg, "train")
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(cached)) as tmp:
-      trained = train_sentencepiece(_training_texts(examples),
-                                    data_cfg.vocab_size,
-                                    os.path.join(tmp, "spm"))
-      os.replace(trained.path, cached)  # Atomic: readers see all or nothing.
-    logging.info("Trained tokenizer %s (%d pieces).", cached,
-                 trained.vocab_size)
-  return SentencePieceTokenizer(cached)
 
 
 def saved_path(directory: str) -> str:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from o3lite import errors
+
 SPLITS = ("train", "validation", "test")
 # Fraction of the question hash space owned by each split.
 SPLIT_FRACTIONS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
@@ -101,7 +103,7 @@ class Task:
       value = getattr(self, knob)
       if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
           or value < minimum):
-        raise ValueError(
+        raise errors.ConfigError(
             f"Task {self.name!r}: difficulty {knob}={value!r} is invalid, "
             f"expected an int >= {minimum}.")
 
@@ -134,12 +136,12 @@ def get_task(name: str, **difficulty: Any) -> Task:
     ValueError: unknown task name, unknown knob, or invalid knob value.
   """
   if name not in _TASKS:
-    raise ValueError(f"Unknown task {name!r}; valid tasks: {list_tasks()}.")
+    raise errors.ConfigError(f"Unknown task {name!r}; valid tasks: {list_tasks()}.")
   cls = _TASKS[name]
   knobs = [field.name for field in dataclasses.fields(cls)]
   for knob in difficulty:
     if knob not in knobs:
-      raise ValueError(f"Unknown difficulty {knob!r} for task {name!r}; "
+      raise errors.ConfigError(f"Unknown difficulty {knob!r} for task {name!r}; "
                        f"valid: {knobs}.")
   return cls(**difficulty)
 
@@ -274,7 +276,7 @@ def generate_split(task: Task, split: str, num_examples: int,
       this split (no new one found in a long run of draws).
   """
   if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; valid: {list(SPLITS)}.")
+    raise errors.ConfigError(f"Unknown split {split!r}; valid: {list(SPLITS)}.")
   rng = np.random.default_rng(seed)
   problems, seen = [], set()
   patience = max(10_000, 10 * num_examples)
@@ -284,7 +286,7 @@ def generate_split(task: Task, split: str, num_examples: int,
     if problem.question in seen or split_of(problem.question) != split:
       draws_since_new += 1
       if draws_since_new > patience:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Task {task.name!r} with {task.difficulty} has too few distinct "
             f"{split} questions: found {len(problems)} of {num_examples} "
             f"requested; make it harder or ask for fewer examples.")

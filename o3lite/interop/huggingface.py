@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,9 +37,10 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from o3lite import hf_tokenizer
-from o3lite import model as model_lib
-from o3lite import sharding as sharding_lib
+from o3lite import errors
+from o3lite.interop import hf_tokenizer_files as hf_tokenizer
+from o3lite.model import transformer as model_lib
+from o3lite.parallel import mesh as sharding_lib
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 CONFIG_FILE = "config.json"
@@ -55,7 +56,7 @@ _SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"),
 
 def _require(hf_config: Mapping[str, Any], key: str) -> Any:
   if hf_config.get(key) is None:
-    raise ValueError(f"config.json has no {key!r}")
+    raise errors.CheckpointError(f"config.json has no {key!r}")
   return hf_config[key]
 
 
@@ -64,12 +65,12 @@ def _model_type(hf_config: Mapping[str, Any]) -> str:
   by_arch = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
   if archs:
     if len(archs) != 1 or archs[0] not in by_arch:
-      raise ValueError(f"architectures={archs} is not supported; expected one of "
+      raise errors.CheckpointError(f"architectures={archs} is not supported; expected one of "
                        f"{sorted(by_arch)}")
     return by_arch[archs[0]]
   model_type = hf_config.get("model_type")
   if model_type not in ARCHITECTURES:
-    raise ValueError(f"model_type={model_type!r} is not supported; expected one of "
+    raise errors.CheckpointError(f"model_type={model_type!r} is not supported; expected one of "
                      f"{sorted(ARCHITECTURES)}")
   return model_type
 
@@ -84,14 +85,14 @@ def _rope_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   if rope_type == "default":
     return fields
   if rope_type != "llama3":
-    raise ValueError(f"rope_type={rope_type!r} (rope_parameters / rope_scaling) is not "
+    raise errors.CheckpointError(f"rope_type={rope_type!r} (rope_parameters / rope_scaling) is not "
                      "supported; expected 'default' or 'llama3'")
   keys = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
           "rope_high_freq_factor": "high_freq_factor",
           "rope_original_max_len": "original_max_position_embeddings"}
   for ours, theirs in keys.items():
     if rope.get(theirs) is None:
-      raise ValueError(f"rope_type='llama3' needs {theirs!r} in rope_parameters")
+      raise errors.CheckpointError(f"rope_type='llama3' needs {theirs!r} in rope_parameters")
     fields[ours] = rope[theirs]
   fields["rope_original_max_len"] = int(fields["rope_original_max_len"])
   return fields
@@ -107,20 +108,20 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> model_lib
   """
   model_type = _model_type(hf_config)
   if hf_config.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act={hf_config['hidden_act']!r} is not supported; "
+    raise errors.CheckpointError(f"hidden_act={hf_config['hidden_act']!r} is not supported; "
                      "expected 'silu'")
   if hf_config.get("mlp_bias"):
-    raise ValueError("mlp_bias=true is not supported: our MLP has no biases")
+    raise errors.CheckpointError("mlp_bias=true is not supported: our MLP has no biases")
   if model_type == "llama" and hf_config.get("attention_bias"):
-    raise ValueError("attention_bias=true is not supported: a Llama with attention bias "
+    raise errors.CheckpointError("attention_bias=true is not supported: a Llama with attention bias "
                      "also has an o_proj bias, which our attention lacks")
   if model_type == "qwen2":
     if hf_config.get("use_sliding_window"):
-      raise ValueError("use_sliding_window=true is not supported: our attention is "
+      raise errors.CheckpointError("use_sliding_window=true is not supported: our attention is "
                        "full causal attention")
     layer_types = hf_config.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
-      raise ValueError(f"layer_types={layer_types} is not supported: every layer must "
+      raise errors.CheckpointError(f"layer_types={layer_types} is not supported: every layer must "
                        "be 'full_attention'")
   hidden = _require(hf_config, "hidden_size")
   num_heads = _require(hf_config, "num_attention_heads")
@@ -151,12 +152,12 @@ def hf_config_from_model_config(cfg: model_lib.ModelConfig, *, eos_id: int, pad_
   """
   arch = arch or ("qwen2" if cfg.qkv_bias else "llama")
   if arch not in ARCHITECTURES:
-    raise ValueError(f"arch={arch!r}: expected one of {sorted(ARCHITECTURES)}")
+    raise errors.ConfigError(f"arch={arch!r}: expected one of {sorted(ARCHITECTURES)}")
   if arch == "llama" and cfg.qkv_bias:
-    raise ValueError("arch='llama' cannot hold qkv_bias=True (Llama's attention_bias "
+    raise errors.ConfigError("arch='llama' cannot hold qkv_bias=True (Llama's attention_bias "
                      "also adds an o_proj bias); use arch='qwen2'")
   if arch == "qwen2" and not cfg.qkv_bias:
-    raise ValueError("arch='qwen2' needs qkv_bias=True: Qwen2 always has q/k/v biases")
+    raise errors.ConfigError("arch='qwen2' needs qkv_bias=True: Qwen2 always has q/k/v biases")
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling_factor != 1.0:
     rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
@@ -284,7 +285,7 @@ def _check_names(have: set, want: set, what: str) -> None:
   for problem, names in (("missing", missing), ("unexpected", unexpected)):
     if names:
       shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
-      raise ValueError(f"{len(names)} {problem} {what}: {shown}")
+      raise errors.CheckpointError(f"{len(names)} {problem} {what}: {shown}")
 
 
 def params_to_hf(params: Mapping[str, Any], cfg: model_lib.ModelConfig
@@ -321,9 +322,23 @@ def _grow_vocab(name: str, x: np.ndarray, from_size: int, vocab_size: int) -> np
   return np.concatenate([x, np.repeat(mean, vocab_size - x.shape[0], axis=0)])
 
 
+def _mean_rows(name: str, x: np.ndarray, new_ids: Sequence[int], trained_rows: int
+               ) -> np.ndarray:
+  """Rows `new_ids` of a vocabulary tensor set to the mean of the trained rows (ids below
+  `trained_rows`, the new ones excluded): a token added to the tokenizer starts as an
+  average token, whether the embedding grew for it or had a spare (untrained) row."""
+  if name not in _VOCAB_TENSORS or x.ndim != 2 or not new_ids:
+    return x
+  trained = np.setdiff1d(np.arange(min(trained_rows, x.shape[0])), new_ids)
+  x = np.array(x)
+  x[np.asarray(new_ids)] = np.asarray(x[trained], np.float32).mean(axis=0).astype(x.dtype)
+  return x
+
+
 def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConfig,
                      place: Callable[[tuple[str, ...], np.ndarray], Any],
-                     grow_vocab_from: int | None = None) -> dict[str, Any]:
+                     grow_vocab_from: int | None = None, new_ids: Sequence[int] = (),
+                     trained_rows: int = 0) -> dict[str, Any]:
   layout = _layout(cfg)
   names = {name for name in tensors if not _is_ignored(name, cfg)}
   _check_names(names, {t.name for t in layout}, "tensors in the checkpoint")
@@ -332,8 +347,9 @@ def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConf
     x = tensors[t.name]
     if grow_vocab_from is not None:
       x = _grow_vocab(t.name, x, grow_vocab_from, cfg.vocab_size)
+    x = _mean_rows(t.name, x, new_ids, trained_rows)
     if tuple(x.shape) != t.hf_shape:
-      raise ValueError(f"tensor {t.name} has shape {tuple(x.shape)} in the checkpoint, "
+      raise errors.CheckpointError(f"tensor {t.name} has shape {tuple(x.shape)} in the checkpoint, "
                        f"expected {t.hf_shape} from the config")
     flat[t.path] = place(t.path, np.ascontiguousarray(t.from_hf(x), np.float32))
   return _unflatten(flat)
@@ -374,7 +390,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   for name, info in header.items():
     dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
     if dtype is None:
-      raise ValueError(f"tensor {name} in {path} has dtype {info['dtype']}; expected one "
+      raise errors.CheckpointError(f"tensor {name} in {path} has dtype {info['dtype']}; expected one "
                        f"of {sorted(_SAFETENSORS_DTYPES)}")
     start, end = info["data_offsets"]
     arrays[name] = data[start:end].view(dtype).reshape(info["shape"])
@@ -393,15 +409,30 @@ def _read_weights(directory: str) -> dict[str, np.ndarray]:
     return tensors
   weights_file = os.path.join(directory, WEIGHTS_FILE)
   if not os.path.isfile(weights_file):
-    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {directory} "
+    raise errors.CheckpointError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {directory} "
                             "(only safetensors checkpoints are supported)")
   return _read_safetensors(weights_file)
+
+
+def check_folder(path: str, what: str = "Hugging Face checkpoint") -> None:
+  """A one-line CheckpointError unless `path` is a folder with config.json and
+  safetensors weights (checked before its tokenizer is read, so a folder without
+  weights is reported as that, not as a tokenizer problem)."""
+  if not os.path.isdir(path):
+    raise errors.CheckpointError(f"{what} folder not found: {path}")
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    raise errors.CheckpointError(f"{what} {path} has no {CONFIG_FILE}")
+  if not any(os.path.isfile(os.path.join(path, name))
+             for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
+    raise errors.CheckpointError(
+        f"{what} {path} has no weights: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} "
+        "(only safetensors checkpoints are supported)")
 
 
 def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
                        shardings: Any = None,
                        rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-                       min_vocab_size: int = 0,
+                       min_vocab_size: int = 0, tokenizer: Any = None,
                        **overrides) -> tuple[model_lib.ModelConfig, dict[str, Any]]:
   """(ModelConfig, fp32 params) of a local transformers checkpoint folder.
 
@@ -412,17 +443,20 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   the default device. `overrides` go to `model_config_from_hf` (e.g. dtype="bfloat16").
   The tokenizer of the folder: `o3lite.tokenizer.HFTokenizer(path)`; it may add the think
   delimiters as new tokens, so `min_vocab_size=len(tokenizer)` grows the embedding (and
-  an untied output matrix) to fit them, new rows set to the mean row.
+  an untied output matrix) to fit them, new rows set to the mean row. Pass that
+  `tokenizer` too: the rows of the tokens it added (`added_ids`) are then set to the
+  mean of the rows its original tokens trained, also where the embedding had spare rows
+  already and did not grow.
 
   Raises:
     FileNotFoundError: no such folder, or no config.json / safetensors weights in it.
     ValueError: unsupported config, or tensors that do not fit it.
   """
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"Hugging Face checkpoint folder not found: {path}")
+    raise errors.CheckpointError(f"Hugging Face checkpoint folder not found: {path}")
   config_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
+    raise errors.CheckpointError(f"no {CONFIG_FILE} in {path}")
   with open(config_file) as f:
     cfg = model_config_from_hf(json.load(f), **overrides)
   grow_from = None
@@ -439,7 +473,10 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
 
     def place(path, x):  # Each device gets only its slice.
       return jax.make_array_from_callback(x.shape, flat_shardings[path], lambda i: x[i])
-  return cfg, _convert_from_hf(_read_weights(path), cfg, place, grow_from)
+  new_ids = list(getattr(tokenizer, "added_ids", ()))
+  trained_rows = getattr(tokenizer, "base_size", 0)
+  return cfg, _convert_from_hf(_read_weights(path), cfg, place, grow_from, new_ids,
+                               trained_rows)
 
 
 def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int
@@ -489,7 +526,7 @@ def export(params: Mapping[str, Any], cfg: model_lib.ModelConfig, tokenizer: Any
   tokenizer, so `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out_dir)` load it.
   """
   if cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+    raise errors.ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} tokens")
   bos_id = getattr(tokenizer, "bos_id", None)  # Our tokenizers add no BOS.
   config = hf_config_from_model_config(cfg, eos_id=tokenizer.eos_id,

@@ -7,8 +7,9 @@ KV cache, with the cache donated.
 - Greedy (temperature 0), temperature, top-k and top-p; `num_samples` completions per
   prompt share one prefill (the cache is repeated along the batch).
 - Per-sequence stop at EOS and a `max_new_tokens` cap.
-- Returned log-probabilities are those of the model's own distribution at temperature 1
-  (what the learner computes), whatever the sampling settings or forcing.
+- Returned log-probabilities are those of softmax(logits / temperature), the distribution
+  the tokens are drawn from (temperature 1 when greedy), before top-k / top-p and
+  forcing: what the RL learner computes at the same temperature.
 - Thinking budget (budget forcing, s1): after `think_budget` tokens without `</think>`,
   `</think>` is forced and the answer follows; `min_think` suppresses an early `</think>`
   (and EOS) so the model thinks longer.
@@ -32,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from o3lite import model as model_lib
-from o3lite import sharding as sharding_lib
+from o3lite import errors
+from o3lite.model import transformer as model_lib
+from o3lite.parallel import mesh as sharding_lib
 
 _NEG = -1e30
 
@@ -60,13 +62,13 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-      raise ValueError(f"invalid sampling settings: temperature={self.temperature}, "
+      raise errors.ConfigError(f"invalid sampling settings: temperature={self.temperature}, "
                        f"top_k={self.top_k}, top_p={self.top_p}")
     if self.num_samples < 1 or self.max_new_tokens < 1 or self.decode_segment < 0:
-      raise ValueError("num_samples and max_new_tokens must be at least 1, "
+      raise errors.ConfigError("num_samples and max_new_tokens must be at least 1, "
                        "decode_segment at least 0")
     if (self.think_budget or self.min_think) and self.think_end_id < 0:
-      raise ValueError("think_budget / min_think need think_end_id")
+      raise errors.ConfigError("think_budget / min_think need think_end_id")
 
 
 @flax.struct.dataclass
@@ -76,7 +78,7 @@ class SamplingState:
   last_token_B: jax.Array  # The token to feed next.
   position_B: jax.Array  # Its position.
   tokens_BxN: jax.Array  # Generated tokens (pad after a sequence is done).
-  logprobs_BxN: jax.Array  # Their log-probabilities at temperature 1 (0 on padding).
+  logprobs_BxN: jax.Array  # Their log-probabilities at the temperature (0 on padding).
   done_B: jax.Array  # Whether the sequence has emitted EOS.
   thinking_B: jax.Array  # Whether the sequence has not yet emitted `</think>`.
   cache: model_lib.Cache
@@ -101,8 +103,12 @@ def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 def _choose(logits_BxV: jax.Array, step: jax.Array, state_rng: jax.Array,
             thinking_B: jax.Array, cfg: SamplingConfig):
-  """Next tokens and their temperature-1 log-probabilities."""
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  """Next tokens and their log-probabilities under softmax(logits / temperature), the
+  distribution they are drawn from (temperature 1 when greedy). Top-k / top-p
+  truncation is not in these log-probs: RL, which compares them with the learner's,
+  samples without it."""
+  scale = cfg.temperature if cfg.temperature > 0 else 1.0
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32) / scale, axis=-1)
   if cfg.min_think:
     early_B1 = (thinking_B & (step < cfg.min_think))[:, None]
     banned_V = jnp.zeros(logits_BxV.shape[-1], bool).at[
@@ -225,9 +231,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int,
                 sampling_cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
   """Right-pad to a bucketed length; pad the batch with copies of the first prompt."""
   if not prompts:
-    raise ValueError("no prompts to generate from")
+    raise errors.DataError("no prompts to generate from")
   if any(len(p) == 0 for p in prompts):
-    raise ValueError("empty prompt: every prompt needs at least one token")
+    raise errors.DataError("empty prompt: every prompt needs at least one token")
   longest = max(len(p) for p in prompts)
   bucket = sampling_cfg.prompt_bucket
   P = -(-longest // bucket) * bucket

@@ -6,7 +6,8 @@ chose), 0 on prompt and padding. Log-probabilities are of the token actually tak
   advantage estimators  ADVANTAGES[name](AdvantageInputs, RLAlgoConfig) -> (adv, returns)
   policy losses         POLICY_LOSSES[name](logp, old_logp, adv, cfg) -> (loss, clipped)
   KL estimators         KL_ESTIMATORS[name](logp, ref_logp) -> kl     (per token)
-  loss aggregation      AGGREGATIONS[name](loss_BxT, mask_BxT) -> scalar
+  loss aggregation      AGGREGATIONS[name](loss_BxT, mask_BxT) -> (sum, count)
+                        (the train step adds both over microbatches, then divides)
 
 Every function works on numpy or jax arrays and inside `jit`.
 """
@@ -19,6 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from o3lite import errors
 
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -53,7 +56,7 @@ def register_aggregation(name: str):
 
 def get(table: dict[str, Callable], name: str, what: str) -> Callable:
   if name not in table:
-    raise ValueError(f"unknown {what} {name!r}; registered: {sorted(table)}")
+    raise errors.ConfigError(f"unknown {what} {name!r}; registered: {sorted(table)}")
   return table[name]
 
 
@@ -83,11 +86,16 @@ class RLAlgoConfig:
     get(KL_ESTIMATORS, self.kl_estimator, "KL estimator")
     get(AGGREGATIONS, self.loss_aggregation, "loss aggregation")
     if self.group_size < 1 or (self.advantage == "rloo" and self.group_size < 2):
-      raise ValueError(f"group_size={self.group_size} is too small for {self.advantage}")
+      raise errors.ConfigError(f"group_size={self.group_size} is too small for {self.advantage}")
     if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-      raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high} out of range")
+      raise errors.ConfigError(f"clip_low={self.clip_low}, clip_high={self.clip_high} out of range")
+    if self.kl_in_reward and self.kl_coef and self.advantage != "gae":
+      raise errors.ConfigError(
+          f"kl_in_reward=True with advantage={self.advantage!r}: only gae reads per-token "
+          "rewards, so the KL penalty would be dropped; set kl_in_reward=False (KL in "
+          "the loss, as GRPO does) or advantage='gae'")
     if self.dual_clip and self.dual_clip <= 1:
-      raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or 0 for off)")
+      raise errors.ConfigError(f"dual_clip={self.dual_clip} must be > 1 (or 0 for off)")
 
   @property
   def uses_critic(self) -> bool:
@@ -243,21 +251,29 @@ def kl_k3(logp_BxT, ref_logp_BxT):
 @register_aggregation("token-mean")
 def token_mean(loss_BxT, mask_BxT):
   """sum(loss * mask) / sum(mask): every token of the batch weighs the same (DAPO)."""
-  return jnp.sum(loss_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
+  return jnp.sum(loss_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
 @register_aggregation("seq-mean-token-mean")
 def seq_mean_token_mean(loss_BxT, mask_BxT):
-  """mean over sequences of each sequence's token mean (original GRPO)."""
-  per_seq = jnp.sum(loss_BxT * mask_BxT, axis=1) / jnp.maximum(jnp.sum(mask_BxT, axis=1), 1.0)
-  has = (jnp.sum(mask_BxT, axis=1) > 0).astype(per_seq.dtype)
-  return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+  """mean over sequences of each sequence's token mean (original GRPO); sequences with
+  no completion token do not count."""
+  tokens_B = jnp.sum(mask_BxT, axis=1)
+  per_seq = jnp.sum(loss_BxT * mask_BxT, axis=1) / jnp.maximum(tokens_B, 1.0)
+  has = (tokens_B > 0).astype(per_seq.dtype)
+  return jnp.sum(per_seq * has), jnp.sum(has)
 
 
 @register_aggregation("seq-mean-token-sum")
 def seq_mean_token_sum(loss_BxT, mask_BxT):
   """mean over sequences of each sequence's token sum (Dr. GRPO: no length bias)."""
-  return jnp.mean(jnp.sum(loss_BxT * mask_BxT, axis=1))
+  return jnp.sum(loss_BxT * mask_BxT), jnp.asarray(mask_BxT.shape[0], jnp.float32)
+
+
+def aggregate(name: str, loss_BxT, mask_BxT):
+  """The aggregated loss itself: sum / count of `AGGREGATIONS[name]`."""
+  total, count = AGGREGATIONS[name](loss_BxT, mask_BxT)
+  return total / jnp.maximum(count, 1.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Parameters are a plain pytree; `Transformer(config).apply({"params": p}, ...)` is a
 pure function. RMSNorm, rotary embeddings (configurable theta), SwiGLU MLP, grouped-query
-attention, optional QKV bias (Qwen2), tied or untied embeddings.
+attention, optional QKV bias (Qwen2), tied or untied embeddings. Heads on the trunk (the
+PPO critic, reward models) are in `heads.py`. Projections are einsums; on the CPU
+backend `cpu_kernels.py` computes them (and SwiGLU, RoPE, causal attention) in forms
+XLA:CPU runs faster, with the same values (`ModelConfig.kernels`).
 
 The KV cache is an explicit pytree passed in and returned (never module state):
 
@@ -24,13 +27,14 @@ K kv heads, G = N / K, H head dim, F mlp hidden, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from o3lite import errors
+from o3lite.model import cpu_kernels as kernels
 
 Cache = dict[str, Any]
 
@@ -57,16 +61,22 @@ class ModelConfig:
   tie_embeddings: bool = True  # Output projection reuses the input embedding.
   dtype: str = "float32"  # Compute dtype: "float32" or "bfloat16". Params stay fp32.
   remat: bool = False  # Rematerialize each block in the backward pass.
+  # How projections, SwiGLU, RoPE tables and causal attention are computed: "plain"
+  # (einsums: what a newcomer reads; GPU, TPU), "xla_cpu" (the forms XLA:CPU runs
+  # faster, same values: cpu_kernels.py), "auto" = xla_cpu on the CPU backend.
+  kernels: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise errors.ConfigError(
           f"num_heads={self.num_heads} is not a multiple of "
           f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+      raise errors.ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+      raise errors.ConfigError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+    if self.kernels not in kernels.MODES:
+      raise errors.ConfigError(f"kernels={self.kernels!r}: expected one of {kernels.MODES}")
 
   @property
   def compute_dtype(self):
@@ -109,7 +119,7 @@ class ModelConfig:
     sizes = {"tiny": cls.tiny, "small": cls.small, "qwen2_5_0_5b": cls.qwen2_5_0_5b,
              "llama3_2_1b": cls.llama3_2_1b}
     if name not in sizes:
-      raise ValueError(f"unknown model size {name!r}; expected one of {sorted(sizes)}")
+      raise errors.ConfigError(f"unknown model size {name!r}; expected one of {sorted(sizes)}")
     return sizes[name](**overrides)
 
 
@@ -127,106 +137,12 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int) -> Cache:
   }
 
 
-def _param(module, name, init, shape, axes):
+def param(module, name, init, shape, axes):
+  """An fp32 parameter with logical axis names (the one place sharding comes from)."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
 _kernel_init = nn.initializers.normal(stddev=0.02)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x_MxI, w, w_transposed: bool):
-  """x_MxI @ w_IxO (or @ w_OxI.T) with a hand-written backward pass.
-
-  The weight gradient contracts the token dimension M of x and dy (`_tokens_contracted`).
-  Left to autodiff, the einsum's weight gradient makes XLA:CPU fuse the preceding
-  elementwise backward (SwiGLU, RoPE) into a strided transpose of the [M, O] activation
-  gradient, which took about a third of the training step on CPU (see
-  bench/train_speed.py); on GPU / TPU it is the same maths.
-  """
-  dims = ((1,), (1,)) if w_transposed else ((1,), (0,))
-  return jax.lax.dot_general(x_MxI, w, (dims, ((), ())))
-
-
-def _matmul_fwd(x_MxI, w, w_transposed):
-  return _matmul(x_MxI, w, w_transposed), (x_MxI, w)
-
-
-def _tokens_contracted(a_MxP, b_MxQ):
-  """a^T b: [P, Q], contracting the token dimension M of both.
-
-  The smaller operand is transposed into a [., M] copy first, so the product is a plain
-  row-major GEMM. XLA:CPU hands those to its fast matmul library, while a dot that
-  contracts the leading dimension of both operands falls back to a slower generic kernel
-  (110 vs 180 GFLOP/s measured here). `optimization_barrier` keeps XLA from folding the
-  transposes back into the dot.
-  """
-  barrier = jax.lax.optimization_barrier
-  plain = (((1,), (0,)), ((), ()))
-  if a_MxP.shape[1] <= b_MxQ.shape[1]:
-    return jax.lax.dot_general(barrier(a_MxP.T), b_MxQ, plain)
-  return barrier(jax.lax.dot_general(barrier(b_MxQ.T), a_MxP, plain)).T
-
-
-def _matmul_bwd(w_transposed, residuals, dy_MxO):
-  x_MxI, w = residuals
-  if w_transposed:  # w is [O, I]: dx = dy @ w, dw = dy^T x.
-    dx_MxI = jax.lax.dot_general(dy_MxO, w, (((1,), (0,)), ((), ())))
-    dw = _tokens_contracted(dy_MxO, x_MxI)
-  else:  # w is [I, O]: dx = dy @ w^T, dw = x^T dy.
-    dx_MxI = jax.lax.dot_general(dy_MxO, w, (((1,), (1,)), ((), ())))
-    dw = _tokens_contracted(x_MxI, dy_MxO)
-  return dx_MxI.astype(x_MxI.dtype), dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def dense(x, w, num_in: int = 1, w_transposed: bool = False):
-  """Contract the last `num_in` axes of x with the first `num_in` axes of w.
-
-  x[..., *in] @ w[*in, *out] -> [..., *out] (the einsum "btd,dnh->btnh" and friends),
-  computed as one 2-D matmul; with `w_transposed`, w is [out, in] (a tied embedding used
-  as the output projection) and no transposed copy of it is made.
-  """
-  if w_transposed:
-    in_shape, out_shape = w.shape[1:], w.shape[:1]
-  else:
-    in_shape, out_shape = w.shape[:num_in], w.shape[num_in:]
-  lead = x.shape[:x.ndim - num_in]
-  size_in, size_out = math.prod(in_shape), math.prod(out_shape)
-  w_2d = w.reshape((size_out, size_in) if w_transposed else (size_in, size_out))
-  y_MxO = _matmul(x.reshape(-1, size_in), w_2d, w_transposed)
-  return y_MxO.reshape(*lead, *out_shape)
-
-
-@jax.custom_vjp
-def swiglu(gate, up):
-  """silu(gate) * up, with a backward pass that recomputes the sigmoid.
-
-  Autodiff keeps sigmoid(gate) and silu(gate) as extra [tokens, mlp] residuals, which
-  XLA:CPU writes out in separate passes over memory in the forward; here the forward is
-  one fused pass and the backward one more, from `gate` and `up` alone.
-  """
-  return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, dh):
-  # The barrier keeps XLA from merging this recomputation with the forward's (CSE),
-  # which would make the forward write sigmoid(gate) and silu(gate) out after all.
-  gate, up = jax.lax.optimization_barrier(residuals)
-  sig = jax.nn.sigmoid(gate)
-  silu = gate * sig
-  # d silu / d gate = sig + gate * sig * (1 - sig) = sig * (1 + gate * (1 - sig)).
-  dgate = dh * up * sig * (1 + gate * (1 - sig))
-  return dgate.astype(gate.dtype), (dh * silu).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -235,7 +151,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD):
-    scale_D = _param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],), ("norm",))
+    scale_D = param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],), ("norm",))
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D).astype(self.dtype)
@@ -257,38 +173,6 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled
   medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
   return jnp.where(medium, smoothed, scaled)
-
-
-def rope_tables(positions_BxT, inv_freq_H2):
-  """(sin, cos) of the rotary angles, each [B, T, 1, H], sin with the sign of its half.
-
-  Written out once (the barrier): left to fusion, XLA:CPU recomputes the sines and
-  cosines inside every consumer, per head, which made RoPE's backward pass 4x slower.
-  """
-  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
-  sin, cos = jnp.sin(angles_BxTxH2), jnp.cos(angles_BxTxH2)
-  sin_BxTxH, cos_BxTxH = jax.lax.optimization_barrier(
-      (jnp.concatenate([-sin, sin], axis=-1), jnp.concatenate([cos, cos], axis=-1)))
-  return sin_BxTxH[:, :, None], cos_BxTxH[:, :, None]
-
-
-def apply_rope(x_BxTxNxH, sin_BxTx1xH, cos_BxTx1xH):
-  """Rotary embedding, half-split convention (as in Llama / Qwen2 in transformers):
-  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], with the tables of `rope_tables`."""
-  half = x_BxTxNxH.shape[-1] // 2
-  x = x_BxTxNxH.astype(jnp.float32)
-  rotated = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
-  return (x * cos_BxTx1xH + rotated * sin_BxTx1xH).astype(x_BxTxNxH.dtype)
-
-
-def causal_blocks(length: int) -> int:
-  """How many query blocks `attend` splits a causal self-attention of `length` into:
-  4 (or 2) blocks of at least 32 tokens. Block i reads key blocks 0..i only, which skips
-  3/8 of the score matrix (all masked); smaller blocks make matmuls too small to pay."""
-  for blocks in (4, 2):
-    if length % blocks == 0 and length // blocks >= 32:
-      return blocks
-  return 1
 
 
 def _attend_heads(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS):
@@ -340,21 +224,22 @@ class Attention(nn.Module):
     cfg = self.config
     D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
-    wq_DxNxH = _param(self, "q_kernel", _kernel_init, (D, N, H), ("embed", "q_heads", "head_dim"))
-    wk_DxKxH = _param(self, "k_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
-    wv_DxKxH = _param(self, "v_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
-    wo_NxHxD = _param(self, "o_kernel", _kernel_init, (N, H, D), ("q_heads", "head_dim", "embed"))
-    q_BxTxNxH = dense(x_BxTxD, wq_DxNxH.astype(dt))
-    k_BxTxKxH = dense(x_BxTxD, wk_DxKxH.astype(dt))
-    v_BxTxKxH = dense(x_BxTxD, wv_DxKxH.astype(dt))
+    wq_DxNxH = param(self, "q_kernel", _kernel_init, (D, N, H), ("embed", "q_heads", "head_dim"))
+    wk_DxKxH = param(self, "k_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wv_DxKxH = param(self, "v_kernel", _kernel_init, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wo_NxHxD = param(self, "o_kernel", _kernel_init, (N, H, D), ("q_heads", "head_dim", "embed"))
+    k_ = cfg.kernels
+    q_BxTxNxH = kernels.einsum("btd,dnh->btnh", x_BxTxD, wq_DxNxH.astype(dt), k_)
+    k_BxTxKxH = kernels.einsum("btd,dkh->btkh", x_BxTxD, wk_DxKxH.astype(dt), k_)
+    v_BxTxKxH = kernels.einsum("btd,dkh->btkh", x_BxTxD, wv_DxKxH.astype(dt), k_)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
-      q_BxTxNxH += _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim")).astype(dt)
-      k_BxTxKxH += _param(self, "k_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
-      v_BxTxKxH += _param(self, "v_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
-    sin_cos = rope_tables(positions_BxT, rope_frequencies(cfg))  # Once for q and k.
-    q_BxTxNxH = apply_rope(q_BxTxNxH, *sin_cos)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, *sin_cos)
+      q_BxTxNxH += param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim")).astype(dt)
+      k_BxTxKxH += param(self, "k_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
+      v_BxTxKxH += param(self, "v_bias", zeros, (K, H), ("kv_heads", "head_dim")).astype(dt)
+    sin_cos = kernels.rope_tables(positions_BxT, rope_frequencies(cfg), k_)  # q and k.
+    q_BxTxNxH = kernels.apply_rope(q_BxTxNxH, *sin_cos, k_)
+    k_BxTxKxH = kernels.apply_rope(k_BxTxKxH, *sin_cos, k_)
 
     k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
     v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
@@ -380,8 +265,8 @@ class Attention(nn.Module):
                   & (k_segment_BxS[:, None, :] != 0))
     self_attention = layer_cache is None or self.fresh_cache  # Causal over the inputs.
     out_BxTxNxH = attend(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS,
-                         causal_blocks(S) if self_attention else 1)
-    out_BxTxD = dense(out_BxTxNxH, wo_NxHxD.astype(dt), num_in=2)
+                         kernels.causal_blocks(S, k_) if self_attention else 1)
+    out_BxTxD = kernels.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dt), k_)
     return out_BxTxD, new_cache
 
 
@@ -393,14 +278,14 @@ class MLP(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     D, F = cfg.embed_dim, cfg.mlp_dim
-    gate_DxF = _param(self, "gate_kernel", _kernel_init, (D, F), ("embed", "mlp"))
-    up_DxF = _param(self, "up_kernel", _kernel_init, (D, F), ("embed", "mlp"))
-    down_FxD = _param(self, "down_kernel", _kernel_init, (F, D), ("mlp", "embed"))
-    gate_BxTxF = dense(x_BxTxD, gate_DxF.astype(dt))
-    up_BxTxF = dense(x_BxTxD, up_DxF.astype(dt))
-    h_BxTxF = nn.with_logical_constraint(swiglu(gate_BxTxF, up_BxTxF),
+    gate_DxF = param(self, "gate_kernel", _kernel_init, (D, F), ("embed", "mlp"))
+    up_DxF = param(self, "up_kernel", _kernel_init, (D, F), ("embed", "mlp"))
+    down_FxD = param(self, "down_kernel", _kernel_init, (F, D), ("mlp", "embed"))
+    gate_BxTxF = kernels.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dt), cfg.kernels)
+    up_BxTxF = kernels.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dt), cfg.kernels)
+    h_BxTxF = nn.with_logical_constraint(kernels.swiglu(gate_BxTxF, up_BxTxF, cfg.kernels),
                                          ("batch", "length", "activation_mlp"))
-    return dense(h_BxTxF, down_FxD.astype(dt))
+    return kernels.einsum("btf,fd->btd", h_BxTxF, down_FxD.astype(dt), cfg.kernels)
 
 
 class Block(nn.Module):
@@ -438,7 +323,7 @@ class Transformer(nn.Module):
     cfg = self.config
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
-    embedding_VxD = _param(self, "embedding", _kernel_init,
+    embedding_VxD = param(self, "embedding", _kernel_init,
                            (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
     x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "activation_embed"))
@@ -467,15 +352,16 @@ class Transformer(nn.Module):
     x_BxTxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxTxD)
 
     if not cfg.tie_embeddings:  # Declared even with `hidden`: one tree for both uses.
-      out_DxV = _param(self, "lm_head", _kernel_init, (cfg.embed_dim, cfg.vocab_size),
+      out_DxV = param(self, "lm_head", _kernel_init, (cfg.embed_dim, cfg.vocab_size),
                        ("embed", "vocab"))
     if self.hidden:
       return x_BxTxD.astype(jnp.float32), None
     if cfg.tie_embeddings:  # [V, D], used transposed without a copy.
-      logits_BxTxV = dense(x_BxTxD, embedding_VxD.astype(cfg.compute_dtype),
-                           w_transposed=True)
+      logits_BxTxV = kernels.einsum("btd,vd->btv", x_BxTxD,
+                                    embedding_VxD.astype(cfg.compute_dtype), cfg.kernels)
     else:
-      logits_BxTxV = dense(x_BxTxD, out_DxV.astype(cfg.compute_dtype))
+      logits_BxTxV = kernels.einsum("btd,dv->btv", x_BxTxD,
+                                    out_DxV.astype(cfg.compute_dtype), cfg.kernels)
     logits_BxTxV = nn.with_logical_constraint(
         logits_BxTxV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
 
@@ -487,29 +373,6 @@ class Transformer(nn.Module):
     new_cache = {"index": cache["index"] + T, "segment_ids": k_segment_BxS,
                  "layers": new_layers}
     return logits_BxTxV, new_cache
-
-
-class ValueModel(nn.Module):
-  """A critic for PPO: the transformer trunk, then a scalar head, V_BxT in fp32.
-
-  Its `trunk` has the policy's parameter tree, so it can start from the policy's weights.
-  """
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None):
-    x_BxTxD, _ = Transformer(self.config, hidden=True, name="trunk")(
-        tokens_BxT, positions_BxT, segment_ids_BxT)
-    head_D = _param(self, "head", nn.initializers.zeros, (self.config.embed_dim,),
-                    ("embed",))
-    return jnp.einsum("btd,d->bt", x_BxTxD, head_D)
-
-
-def init_value_params(config: ModelConfig, rng: jax.Array) -> Any:
-  """Boxed critic parameters: {"trunk": <policy-shaped tree>, "head": [D]}."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return ValueModel(config).init(rng, tokens, tokens)["params"]
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from o3lite import formatting
-from o3lite import tokenizer as tokenizer_lib
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import tokenizers as tokenizer_lib
 
 Batch = dict[str, np.ndarray]
 
@@ -72,7 +73,7 @@ class SFTBatcher:
       ValueError: no examples, or an example of more than seq_len + 1 tokens.
     """
     if not examples:
-      raise ValueError("SFTBatcher needs at least one example.")
+      raise errors.DataError("SFTBatcher needs at least one example.")
     self.batch_size = batch_size
     self.seq_len = seq_len
     self.seed = seed
@@ -83,7 +84,7 @@ class SFTBatcher:
       prompt, completion = tokenize_example(ex, tokenizer, with_cot)
       length = len(prompt) + len(completion)
       if length > seq_len + 1:
-        raise ValueError(
+        raise errors.DataError(
             f"Example {index} has {length} tokens, more than seq_len + 1 = "
             f"{seq_len + 1} (seq_len={seq_len}); raise seq_len or drop it.")
       self._tokens.append(np.asarray(prompt + completion, np.int32))
@@ -161,7 +162,7 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
   for b, (prompt, completion, done) in enumerate(zip(prompts, completions, finished)):
     row = list(prompt) + list(completion) + ([eos_id] if done else [])
     if len(row) > seq_len:
-      raise ValueError(f"prompt + completion of {len(row)} tokens exceed rl seq_len "
+      raise errors.ConfigError(f"prompt + completion of {len(row)} tokens exceed rl seq_len "
                        f"{seq_len}")
     n = len(row) - 1
     batch["inputs"][b, :n] = row[:-1]

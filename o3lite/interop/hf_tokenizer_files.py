@@ -29,8 +29,9 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, normalizers
 
-from o3lite import formatting
-from o3lite import tokenizer as tokenizer_lib
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import tokenizers as tokenizer_lib
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types.
 _BPE = 2  # SentencePiece model type.
@@ -49,7 +50,7 @@ def _load_proto(model_file: str) -> Any:
   }
   for field, (value, expected) in checks.items():
     if value != expected:
-      raise ValueError(f"{model_file}: {field}={value!r} cannot be converted; expected "
+      raise errors.DataError(f"{model_file}: {field}={value!r} cannot be converted; expected "
                        f"{expected!r} (as train_sentencepiece writes)")
   return proto
 
@@ -111,18 +112,18 @@ def save(tokenizer: Any, out_dir: str) -> None:
   elif isinstance(tokenizer, tokenizer_lib.HFTokenizer):
     tokenizer.save(out_dir)
   else:
-    raise TypeError(f"cannot export a {type(tokenizer).__name__} as a Hugging Face "
+    raise errors.ConfigError(f"cannot export a {type(tokenizer).__name__} as a Hugging Face "
                     "tokenizer")
 
 
 def load_saved(directory: str) -> Any:
   """The tokenizer that `Tokenizer.save(directory)` wrote (e.g. a run's tokenizer/)."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"tokenizer folder not found: {directory}")
+    raise errors.DataError(f"tokenizer folder not found: {directory}")
   if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
     return tokenizer_lib.HFTokenizer(directory)
   model_file = os.path.join(directory, tokenizer_lib.SENTENCEPIECE_FILE)
   if os.path.isfile(model_file):
     return tokenizer_lib.SentencePieceTokenizer(model_file)
-  raise FileNotFoundError(f"no tokenizer_config.json or {tokenizer_lib.SENTENCEPIECE_FILE} "
+  raise errors.DataError(f"no tokenizer_config.json or {tokenizer_lib.SENTENCEPIECE_FILE} "
                           f"in {directory}")

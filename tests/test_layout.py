@@ -1,0 +1,54 @@
+"""The package layout: every o3lite module imports only its own layer and those below."""
+
+import ast
+import pathlib
+
+import o3lite
+
+ROOT = pathlib.Path(o3lite.__file__).parent
+# model and parallel are both just above errors and never import each other.
+SAME_RANK = {"parallel": "model"}
+
+
+def _rank(layer: str) -> int:
+  return o3lite.LAYERS.index(SAME_RANK.get(layer, layer))
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+  """The o3lite layers a module imports (`from o3lite.x import y`, `from o3lite import x`)."""
+  layers = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("o3lite"):
+      parts = node.module.split(".")
+      if len(parts) > 1:
+        layers.append(parts[1])
+      else:
+        layers += [alias.name for alias in node.names]
+    elif isinstance(node, ast.Import):
+      layers += [a.name.split(".")[1] for a in node.names
+                 if a.name.startswith("o3lite.")]
+  return layers
+
+
+def test_every_module_sits_in_a_layer():
+  for path in ROOT.rglob("*.py"):
+    rel = path.relative_to(ROOT)
+    if rel.name == "__init__.py" and len(rel.parts) == 1:
+      continue
+    layer = rel.parts[0].removesuffix(".py")
+    assert layer in o3lite.LAYERS, f"{rel}: not in o3lite.LAYERS"
+
+
+def test_lower_layers_never_import_higher_ones():
+  found = 0
+  for path in ROOT.rglob("*.py"):
+    rel = path.relative_to(ROOT)
+    if len(rel.parts) == 1 and rel.name == "__init__.py":
+      continue
+    layer = rel.parts[0].removesuffix(".py")
+    for imported in _imports(path):
+      found += 1
+      assert _rank(imported) <= _rank(layer), f"{rel} ({layer}) imports {imported}"
+      if imported != layer:
+        assert _rank(imported) < _rank(layer), f"{rel} ({layer}) imports {imported}"
+  assert found > 50  # The walk really saw the package's imports.
