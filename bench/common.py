@@ -16,14 +16,15 @@ from o3lite.parallel import host_memory
 
 KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True, "As `python -m o3lite.train` does: glibc's malloc reuses "
-    "freed memory (o3lite/host_memory.py). Process-wide: the torch baseline gets it too.")
+    "freed memory on CPU-only machines (o3lite/parallel/host_memory.py). Process-wide: the torch baseline gets it too.")
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def setup_host_memory() -> bool:
   """Apply --keep_host_memory; call first in main(), before JAX starts its threads."""
-  return KEEP_HOST_MEMORY.value and host_memory.keep_freed_memory()
+  return (KEEP_HOST_MEMORY.value and host_memory.cpu_only()
+          and host_memory.keep_freed_memory())
 
 
 def environment() -> dict[str, Any]:

@@ -30,8 +30,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
-    "keep_host_memory", True, "Let glibc's malloc reuse freed memory instead of unmapping "
-    "it (XLA:CPU steps run about 1.2x faster; see o3lite/host_memory.py).")
+    "keep_host_memory", True, "On CPU-only machines, let glibc's malloc reuse freed memory "
+    "instead of unmapping it (XLA:CPU steps run about 1.2x faster; see "
+    "o3lite/parallel/host_memory.py).")
 
 
 def _default_workdir(config) -> str:
@@ -58,8 +59,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  if _KEEP_HOST_MEMORY.value:
-    from o3lite.parallel import host_memory  # Before JAX starts its threads.
+  from o3lite.parallel import host_memory  # Before JAX starts its threads.
+  if _KEEP_HOST_MEMORY.value and host_memory.cpu_only():
     host_memory.keep_freed_memory()
   from o3lite.parallel import multiprocess as distributed  # Imports jax: after flag parsing, before any use.
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,

@@ -35,3 +35,15 @@ def test_freed_memory_is_reused_without_page_faults():
   # glibc's default maps the 200 MB afresh each time: 51,200 first-touch faults of 4 KiB
   # pages here (fewer where transparent huge pages are on for all memory).
   assert _refault_count(keep=True) < 100
+
+
+def test_the_setting_is_for_cpu_only_machines(monkeypatch):
+  from o3lite.parallel import host_memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not host_memory.cpu_only()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.cpu_only()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(host_memory.glob, "glob",
+                      lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+  assert not host_memory.cpu_only()

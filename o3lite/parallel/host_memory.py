@@ -8,7 +8,8 @@ time per step. With one malloc arena that never maps nor trims, the freed pages 
 the step ran 1.2x faster (README, "Train step speed").
 
 `keep_freed_memory()` must run before JAX starts its CPU client (threads choose their
-arena at their first malloc), so `python -m o3lite.train` calls it first thing; pass
+arena at their first malloc), so `python -m o3lite.train` calls it first thing, where
+`cpu_only()` says JAX will run on the CPU (never on a GPU or TPU machine); pass
 `--nokeep_host_memory` to leave glibc's defaults. The price: the process keeps its peak
 host memory until it exits, and its threads share one arena's lock.
 """
@@ -16,12 +17,25 @@ host memory until it exits, and its threads share one arena's lock.
 from __future__ import annotations
 
 import ctypes
+import glob
+import os
 import sys
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+
+def cpu_only() -> bool:
+  """Whether JAX will compute on the CPU, told without starting JAX (the setting must
+  come first): JAX_PLATFORMS if set, else no NVIDIA, AMD or TPU device node. The setting
+  helps XLA:CPU's step buffers only; on an accelerator it would just keep host memory."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not (glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*")
+              or os.path.exists("/dev/kfd"))
 
 
 def keep_freed_memory() -> bool:
