@@ -62,7 +62,8 @@ def main(argv):
   from o3lite.parallel import host_memory  # Before JAX starts its threads.
   if _KEEP_HOST_MEMORY.value and host_memory.cpu_only():
     host_memory.keep_freed_memory()
-  from o3lite.parallel import multiprocess as distributed  # Imports jax: after flag parsing, before any use.
+  # Imports jax: after flag parsing, before any use.
+  from o3lite.parallel import multiprocess as distributed
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
   from o3lite import errors

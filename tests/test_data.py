@@ -11,7 +11,6 @@ import pytest
 from o3lite import errors
 from o3lite.data import formatting
 from o3lite.data import tasks
-from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.data import builders
 from o3lite.data import batching as pipeline
 from o3lite.data import sources

@@ -21,7 +21,6 @@ import numpy as np
 import multiprocess_worker
 from configs import sft as sft_config
 from o3lite.data import sources
-from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.training import sft as trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

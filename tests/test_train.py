@@ -358,3 +358,22 @@ def test_a_bug_shows_its_traceback(tmp_path):
   assert out.returncode != 0
   assert "Traceback" in out.stderr and "ValueError: a bug deep inside" in out.stderr
   assert "o3lite: ValueError" not in out.stderr
+
+
+def test_run_sft_in_process_takes_examples_and_parameters(tmp_path, data_dir):
+  """An outer loop (STaR, distillation) calls run_sft with its own examples and starting
+  parameters and gets the trained parameters back."""
+  first = trainer.run_sft(_config(data_dir, 3), str(tmp_path / "first"))
+  examples = [{"question": "3 +4 mod 10", "cot": "3 +4 = 7", "answer": "7"}] * 8
+  frozen = trainer.run_sft(_config(data_dir, 2, **{"optimizer.learning_rate": 0.0}),
+                           str(tmp_path / "frozen"), examples=examples,
+                           init_params=first.params)
+  for a, b in zip(jax.tree.leaves(frozen.params), jax.tree.leaves(first.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # lr 0: unchanged.
+  moved = trainer.run_sft(_config(data_dir, 2), str(tmp_path / "moved"),
+                          examples=examples, init_params=first.params)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(moved.params), jax.tree.leaves(first.params)))
+  assert moved.metrics["num_examples"] == 16
+  with pytest.raises(errors.DataError, match="at least one example"):
+    trainer.run_sft(_config(data_dir, 2), str(tmp_path / "none"), examples=[])

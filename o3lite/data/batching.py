@@ -163,7 +163,7 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     row = list(prompt) + list(completion) + ([eos_id] if done else [])
     if len(row) > seq_len:
       raise errors.ConfigError(f"prompt + completion of {len(row)} tokens exceed rl seq_len "
-                       f"{seq_len}")
+                               f"{seq_len}")
     n = len(row) - 1
     batch["inputs"][b, :n] = row[:-1]
     batch["targets"][b, :n] = row[1:]

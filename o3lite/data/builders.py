@@ -171,7 +171,7 @@ def _get_str(record: Mapping[str, Any], key: str, required: bool = True) -> str:
   value = record[key]
   if not isinstance(value, str):
     raise errors.DataError(f"key {key!r} must be a string, got "
-                     f"{type(value).__name__}")
+                           f"{type(value).__name__}")
   return value
 
 

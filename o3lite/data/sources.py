@@ -110,7 +110,7 @@ def get_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
     if path.endswith(".model"):
       return tokenizers.SentencePieceTokenizer(path)
     raise errors.ConfigError(f"Tokenizer {path!r} is neither a SentencePiece "
-                            ".model file nor a Hugging Face folder.")
+                             ".model file nor a Hugging Face folder.")
   builder = get_builder(data_cfg)
   cached = os.path.join(os.fspath(builder.data_dir), "tokenizer",
                         f"spm_bpe_v{data_cfg.vocab_size}.model")

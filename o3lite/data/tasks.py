@@ -142,7 +142,7 @@ def get_task(name: str, **difficulty: Any) -> Task:
   for knob in difficulty:
     if knob not in knobs:
       raise errors.ConfigError(f"Unknown difficulty {knob!r} for task {name!r}; "
-                       f"valid: {knobs}.")
+                               f"valid: {knobs}.")
   return cls(**difficulty)
 
 

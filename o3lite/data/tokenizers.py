@@ -7,11 +7,9 @@ Both expose the same small interface (`Tokenizer`): `encode` adds no EOS,
   tokenizer = sources.get_tokenizer(config.data)   # o3lite.data.sources
 """
 
-import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -56,7 +54,7 @@ def _single_id(tokenizer: Tokenizer, text: str) -> int:
   ids = tokenizer.encode(text)
   if len(ids) != 1:
     raise errors.DataError(f"{text!r} is not a single token in {tokenizer.path}: "
-                     f"{ids}.")
+                           f"{ids}.")
   return ids[0]
 
 
@@ -152,7 +150,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
     )
   except RuntimeError as e:
     raise errors.DataError(f"SentencePiece training failed (vocab_size="
-                     f"{vocab_size}): {e}") from e
+                           f"{vocab_size}): {e}") from e
   return SentencePieceTokenizer(model_prefix + ".model")
 
 
@@ -170,7 +168,7 @@ class HFTokenizer:
   def __init__(self, local_dir: str):
     if not os.path.isdir(local_dir):
       raise errors.ConfigError(f"Hugging Face tokenizer folder not found: "
-                              f"{local_dir}")
+                               f"{local_dir}")
     import transformers  # pylint: disable=g-import-not-at-top
 
     self.path = local_dir

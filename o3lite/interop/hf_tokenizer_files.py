@@ -51,7 +51,7 @@ def _load_proto(model_file: str) -> Any:
   for field, (value, expected) in checks.items():
     if value != expected:
       raise errors.DataError(f"{model_file}: {field}={value!r} cannot be converted; expected "
-                       f"{expected!r} (as train_sentencepiece writes)")
+                             f"{expected!r} (as train_sentencepiece writes)")
   return proto
 
 
@@ -113,7 +113,7 @@ def save(tokenizer: Any, out_dir: str) -> None:
     tokenizer.save(out_dir)
   else:
     raise errors.ConfigError(f"cannot export a {type(tokenizer).__name__} as a Hugging Face "
-                    "tokenizer")
+                             "tokenizer")
 
 
 def load_saved(directory: str) -> Any:
@@ -126,4 +126,4 @@ def load_saved(directory: str) -> Any:
   if os.path.isfile(model_file):
     return tokenizer_lib.SentencePieceTokenizer(model_file)
   raise errors.DataError(f"no tokenizer_config.json or {tokenizer_lib.SENTENCEPIECE_FILE} "
-                          f"in {directory}")
+                         f"in {directory}")

@@ -66,12 +66,12 @@ def _model_type(hf_config: Mapping[str, Any]) -> str:
   if archs:
     if len(archs) != 1 or archs[0] not in by_arch:
       raise errors.CheckpointError(f"architectures={archs} is not supported; expected one of "
-                       f"{sorted(by_arch)}")
+                                   f"{sorted(by_arch)}")
     return by_arch[archs[0]]
   model_type = hf_config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise errors.CheckpointError(f"model_type={model_type!r} is not supported; expected one of "
-                     f"{sorted(ARCHITECTURES)}")
+                                 f"{sorted(ARCHITECTURES)}")
   return model_type
 
 
@@ -86,7 +86,7 @@ def _rope_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     return fields
   if rope_type != "llama3":
     raise errors.CheckpointError(f"rope_type={rope_type!r} (rope_parameters / rope_scaling) is not "
-                     "supported; expected 'default' or 'llama3'")
+                                 "supported; expected 'default' or 'llama3'")
   keys = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
           "rope_high_freq_factor": "high_freq_factor",
           "rope_original_max_len": "original_max_position_embeddings"}
@@ -109,20 +109,21 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> model_lib
   model_type = _model_type(hf_config)
   if hf_config.get("hidden_act", "silu") != "silu":
     raise errors.CheckpointError(f"hidden_act={hf_config['hidden_act']!r} is not supported; "
-                     "expected 'silu'")
+                                 "expected 'silu'")
   if hf_config.get("mlp_bias"):
     raise errors.CheckpointError("mlp_bias=true is not supported: our MLP has no biases")
   if model_type == "llama" and hf_config.get("attention_bias"):
-    raise errors.CheckpointError("attention_bias=true is not supported: a Llama with attention bias "
-                     "also has an o_proj bias, which our attention lacks")
+    raise errors.CheckpointError(
+        "attention_bias=true is not supported: a Llama with attention bias "
+        "also has an o_proj bias, which our attention lacks")
   if model_type == "qwen2":
     if hf_config.get("use_sliding_window"):
       raise errors.CheckpointError("use_sliding_window=true is not supported: our attention is "
-                       "full causal attention")
+                                   "full causal attention")
     layer_types = hf_config.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
       raise errors.CheckpointError(f"layer_types={layer_types} is not supported: every layer must "
-                       "be 'full_attention'")
+                                   "be 'full_attention'")
   hidden = _require(hf_config, "hidden_size")
   num_heads = _require(hf_config, "num_attention_heads")
   fields = dict(
@@ -155,7 +156,7 @@ def hf_config_from_model_config(cfg: model_lib.ModelConfig, *, eos_id: int, pad_
     raise errors.ConfigError(f"arch={arch!r}: expected one of {sorted(ARCHITECTURES)}")
   if arch == "llama" and cfg.qkv_bias:
     raise errors.ConfigError("arch='llama' cannot hold qkv_bias=True (Llama's attention_bias "
-                     "also adds an o_proj bias); use arch='qwen2'")
+                             "also adds an o_proj bias); use arch='qwen2'")
   if arch == "qwen2" and not cfg.qkv_bias:
     raise errors.ConfigError("arch='qwen2' needs qkv_bias=True: Qwen2 always has q/k/v biases")
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -350,7 +351,7 @@ def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConf
     x = _mean_rows(t.name, x, new_ids, trained_rows)
     if tuple(x.shape) != t.hf_shape:
       raise errors.CheckpointError(f"tensor {t.name} has shape {tuple(x.shape)} in the checkpoint, "
-                       f"expected {t.hf_shape} from the config")
+                                   f"expected {t.hf_shape} from the config")
     flat[t.path] = place(t.path, np.ascontiguousarray(t.from_hf(x), np.float32))
   return _unflatten(flat)
 
@@ -390,8 +391,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   for name, info in header.items():
     dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
     if dtype is None:
-      raise errors.CheckpointError(f"tensor {name} in {path} has dtype {info['dtype']}; expected one "
-                       f"of {sorted(_SAFETENSORS_DTYPES)}")
+      raise errors.CheckpointError(
+          f"tensor {name} in {path} has dtype {info['dtype']}; expected one "
+          f"of {sorted(_SAFETENSORS_DTYPES)}")
     start, end = info["data_offsets"]
     arrays[name] = data[start:end].view(dtype).reshape(info["shape"])
   return arrays
@@ -410,7 +412,7 @@ def _read_weights(directory: str) -> dict[str, np.ndarray]:
   weights_file = os.path.join(directory, WEIGHTS_FILE)
   if not os.path.isfile(weights_file):
     raise errors.CheckpointError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {directory} "
-                            "(only safetensors checkpoints are supported)")
+                                 "(only safetensors checkpoints are supported)")
   return _read_safetensors(weights_file)
 
 
@@ -527,7 +529,7 @@ def export(params: Mapping[str, Any], cfg: model_lib.ModelConfig, tokenizer: Any
   """
   if cfg.vocab_size < tokenizer.vocab_size:
     raise errors.ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{tokenizer.vocab_size} tokens")
+                             f"{tokenizer.vocab_size} tokens")
   bos_id = getattr(tokenizer, "bos_id", None)  # Our tokenizers add no BOS.
   config = hf_config_from_model_config(cfg, eos_id=tokenizer.eos_id,
                                        pad_id=tokenizer.pad_id, bos_id=bos_id, arch=arch)

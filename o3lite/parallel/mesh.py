@@ -57,7 +57,7 @@ def make_mesh(axis_names: Sequence[str], shape: Sequence[int],
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
     raise errors.MeshError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                    f"but {len(devices)} are available")
+                           f"but {len(devices)} are available")
   # Auto axes: XLA's partitioner places the activations from the parameters' shardings
   # and the `with_logical_constraint` hints.
   auto = (jax.sharding.AxisType.Auto,) * len(axis_names)
@@ -116,7 +116,7 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
   axes, size = _batch_axes(mesh, rules), batch_shards(mesh, rules)
   if batch_size % size:
     raise errors.MeshError(f"batch size {batch_size} is not divisible by the {size} devices "
-                    f"of mesh axes {axes}")
+                           f"of mesh axes {axes}")
 
 
 def put_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding):

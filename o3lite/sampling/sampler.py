@@ -63,10 +63,10 @@ class SamplingConfig:
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise errors.ConfigError(f"invalid sampling settings: temperature={self.temperature}, "
-                       f"top_k={self.top_k}, top_p={self.top_p}")
+                               f"top_k={self.top_k}, top_p={self.top_p}")
     if self.num_samples < 1 or self.max_new_tokens < 1 or self.decode_segment < 0:
       raise errors.ConfigError("num_samples and max_new_tokens must be at least 1, "
-                       "decode_segment at least 0")
+                               "decode_segment at least 0")
     if (self.think_budget or self.min_think) and self.think_end_id < 0:
       raise errors.ConfigError("think_budget / min_think need think_end_id")
 

@@ -18,7 +18,7 @@ accumulation gives the update one big batch would. `metrics` maps a name to a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
