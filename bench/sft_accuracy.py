@@ -4,7 +4,7 @@ r"""Held-out accuracy of SFT with a chain of thought vs answer only, same model 
   python -m bench.sft_accuracy --num_steps=30 --eval_examples=50 # smoke run
   python -m bench.sft_accuracy --variants=answer_only
 
-Trains `configs/sft.py` then `configs/sft_answer_only.py` with `o3lite.trainer.run_sft`,
+Trains `configs/sft.py` then `configs/sft_answer_only.py` with `o3lite.training.sft.run_sft`,
 each in a fresh workdir, and reads each run's `eval.json`. The wall time covers the whole
 run (tokenizer, compile, training, checkpoints, greedy evaluation); the dataset is
 prepared beforehand so the first variant does not pay for it. Prints a Markdown table and

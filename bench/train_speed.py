@@ -8,10 +8,11 @@ Both sides train the same model shape (`ModelConfig.small()`: 4 layers, width 25
 vocabulary 512, 4 heads of 64, mlp 1024, tied embeddings) in fp32 on one synthetic batch
 that stays on the device, so only the step is timed (no data pipeline, no host transfer):
 
-  o3lite: `sft.make_train_step` + `sft.jit_train_step` on the state of
-          `train_state.create_train_state` (mesh ("data", "fsdp", "tensor") = (-1, 1, 1)
-          over whatever devices JAX sees, `sharding.DEFAULT_RULES`), the optimizer of
-          `configs/sft.py` (clip 1.0 + AdamW); metrics blocked on every step.
+  o3lite: `step.make_train_step` with the `sft_cross_entropy` loss + `step.jit_train_step`
+          on the state of `state.policy_spec` (mesh ("data", "fsdp", "tensor") =
+          (-1, 1, 1) over whatever devices JAX sees, `mesh.DEFAULT_RULES`), the optimizer
+          of `configs/sft.py` (clip 1.0 + AdamW); metrics blocked on every step;
+          `--kernels` picks `ModelConfig.kernels` (auto: the XLA:CPU forms on a CPU).
   torch:  `transformers.LlamaForCausalLM` (random init), logits -> cross-entropy,
           backward, `clip_grad_norm_(1.0)`, AdamW (decay on matrices only), zero_grad.
 
@@ -40,11 +41,14 @@ from bench import common
 from configs import sft as sft_config
 from o3lite.model import transformer as model_lib
 from o3lite.training import optimizer as optimizer_lib
-from o3lite.training import step as sft
 from o3lite.parallel import mesh as sharding_lib
+from o3lite.training import losses
 from o3lite.training import state as train_state_lib
+from o3lite.training import step as step_lib
 
 _MODEL = flags.DEFINE_string("model", "small", "Named o3lite.model.ModelConfig size.")
+_KERNELS = flags.DEFINE_enum("kernels", "auto", ["auto", "xla_cpu", "plain"],
+                             "ModelConfig.kernels of the o3lite side.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per framework.")
@@ -147,11 +151,12 @@ def o3lite_runner(model_cfg, batch_np, total_steps: int):
   tx, _ = optimizer_lib.make_optimizer(sft_config.get_config().optimizer, total_steps)
   # The schedule's warmup starts at learning rate 0, so the first step leaves the
   # parameters unchanged (same loss twice); the speed does not depend on it.
-  state = train_state_lib.create_train_state(model_cfg, tx, mesh, rules, seed=0)
-  _, shardings = train_state_lib.state_shardings(model_cfg, tx, mesh, rules)
+  spec = train_state_lib.policy_spec(model_cfg, tx, mesh, rules)
+  state = spec.create(seed=0)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  step_fn = sft.jit_train_step(sft.make_train_step(model_cfg, tx), shardings, batch_sharding,
-                               mesh, rules)
+  step_fn = step_lib.jit_train_step(step_lib.make_train_step(
+      losses.get_loss("sft_cross_entropy", model_cfg), tx), spec.shardings, batch_sharding,
+                                    mesh, rules)
   batch = sharding_lib.put_global_batch(batch_np, batch_sharding)
   num_params = model_lib.count_params(state.params)
   holder = {"state": state}
@@ -222,7 +227,7 @@ def main(argv):
   common.setup_host_memory()
   torch, transformers = import_torch()  # Fail before any work if the baseline is missing.
   common.warn_if_busy()
-  model_cfg = model_lib.ModelConfig.named(_MODEL.value)
+  model_cfg = model_lib.ModelConfig.named(_MODEL.value, kernels=_KERNELS.value)
   B, T = _BATCH_SIZE.value, _SEQ_LEN.value
   tokens, flops = B * T, step_flops(model_cfg, B, T)
   batch_np = synthetic_batch(model_cfg.vocab_size, B, T)

@@ -18,8 +18,10 @@ def _full(x_BxTxD, w_VxD, targets_BxT, temperature):
   return logp_BxT, entropy_BxT
 
 
-@pytest.mark.parametrize("chunk,temperature", [(0, 1.0), (7, 1.0), (16, 0.7), (100, 1.3)])
-def test_chunked_log_probs_equal_the_full_log_softmax(chunk, temperature):
+@pytest.mark.parametrize("chunk,temperature,kernels", [
+    (0, 1.0, "plain"), (0, 0.7, "xla_cpu"), (7, 1.0, "plain"), (16, 0.7, "xla_cpu"),
+    (100, 1.3, "plain")])
+def test_chunked_log_probs_equal_the_full_log_softmax(chunk, temperature, kernels):
   rng = np.random.default_rng(0)
   B, T, D, V = 3, 5, 8, 50  # 50 = 7 chunks of 7 + one of 1: a ragged last chunk.
   x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
@@ -28,7 +30,7 @@ def test_chunked_log_probs_equal_the_full_log_softmax(chunk, temperature):
   want_logp, want_entropy = _full(x, w, targets, temperature)
   for transposed, w_arg in ((True, w), (False, w.T)):
     logp, entropy = losses.chunked_token_logprobs(x, w_arg, targets, transposed, chunk,
-                                                  True, temperature)
+                                                  True, temperature, kernels)
     np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(entropy, want_entropy, rtol=1e-5, atol=1e-5)
 
@@ -40,7 +42,7 @@ def test_chunked_log_probs_equal_the_full_log_softmax(chunk, temperature):
 
   want = objective(lambda x, w: _full(x, w, targets, temperature))
   got = objective(lambda x, w: losses.chunked_token_logprobs(x, w, targets, True, chunk,
-                                                             True, temperature))
+                                                             True, temperature, kernels))
   for g, h in zip(got, want):
     np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
 

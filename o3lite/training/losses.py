@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from o3lite import errors
+from o3lite.model import cpu_kernels
 from o3lite.model import transformer as model_lib
 
 Batch = dict[str, jax.Array]
@@ -61,15 +62,16 @@ def get_loss(name: str, model_cfg: model_lib.ModelConfig, **options) -> Callable
 
 def chunked_token_logprobs(x_BxTxD: jax.Array, w_out: jax.Array, targets_BxT: jax.Array,
                            transposed: bool, chunk: int = 0, with_entropy: bool = False,
-                           temperature: float = 1.0):
+                           temperature: float = 1.0, kernels: str = "plain"):
   """log softmax(x W / temperature)[target] per token, [B, T] fp32, and the entropy of
   that distribution if asked, without materializing the [B, T, V] log-softmax.
 
   `w_out` is the output projection: [V, D] if `transposed` (a tied embedding), else
   [D, V]. The target's logit is x . w_target (one gathered row per token); log Z is an
-  online log-sum-exp over vocabulary chunks of `chunk` columns (0 = one chunk), each
-  chunk's logits recomputed in the backward pass (`jax.checkpoint`), so memory holds
-  [B, T, chunk] at a time. Entropy H = log Z - E_p[logit] uses the same pass.
+  online log-sum-exp over vocabulary chunks of `chunk` columns, each chunk's logits
+  recomputed in the backward pass (`jax.checkpoint`), so memory holds [B, T, chunk] at a
+  time (chunk 0 or >= V: one plain pass over [B, T, V], for small vocabularies). Entropy
+  H = log Z - E_p[logit] uses the same pass.
   """
   w_VxD = w_out if transposed else w_out.T
   V = w_VxD.shape[0]
@@ -80,7 +82,15 @@ def chunked_token_logprobs(x_BxTxD: jax.Array, w_out: jax.Array, targets_BxT: ja
       ("batch", "length", "activation_embed"))
   target_logit_BxT = jnp.einsum("btd,btd->bt", x, rows_BxTxD)
   target_logit_BxT = target_logit_BxT / temperature
-  chunk = V if chunk <= 0 or chunk >= V else chunk
+  if chunk <= 0 or chunk >= V:  # One chunk: the plain log-softmax, nothing recomputed.
+    logits_BxTxV = cpu_kernels.einsum("btd,vd->btv", x_BxTxD.astype(w_VxD.dtype), w_VxD,
+                                      kernels).astype(jnp.float32) / temperature
+    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    entropy_BxT = None
+    if with_entropy:
+      p_BxTxV = jnp.exp(logits_BxTxV - log_z_BxT[..., None])
+      entropy_BxT = log_z_BxT - jnp.sum(p_BxTxV * logits_BxTxV, axis=-1)
+    return target_logit_BxT - log_z_BxT, entropy_BxT
   num_chunks = -(-V // chunk)
   pad = num_chunks * chunk - V
   w_CxKxD = jnp.pad(w_VxD, ((0, pad), (0, 0))).reshape(num_chunks, chunk, -1)
@@ -90,8 +100,8 @@ def chunked_token_logprobs(x_BxTxD: jax.Array, w_out: jax.Array, targets_BxT: ja
   def body(carry, xs):
     m_BxT, s_BxT, t_BxT = carry
     w_KxD, valid_K = xs
-    logits_BxTxK = jnp.einsum("btd,kd->btk", x_BxTxD.astype(w_KxD.dtype),
-                              w_KxD).astype(jnp.float32) / temperature
+    logits_BxTxK = cpu_kernels.einsum("btd,kd->btk", x_BxTxD.astype(w_KxD.dtype), w_KxD,
+                                      kernels).astype(jnp.float32) / temperature
     logits_BxTxK = jnp.where(valid_K, logits_BxTxK, -jnp.inf)
     m_new = jnp.maximum(m_BxT, jnp.max(logits_BxTxK, axis=-1))
     scale = jnp.exp(m_BxT - m_new)
@@ -124,7 +134,7 @@ def policy_token_logprobs(params, batch: Batch, model_cfg: model_lib.ModelConfig
     w_out, transposed = params["lm_head"], False
   return chunked_token_logprobs(x_BxTxD.astype(model_cfg.compute_dtype), w_out,
                                 batch["targets"], transposed, chunk, with_entropy,
-                                temperature)
+                                temperature, model_cfg.kernels)
 
 
 @register_loss("sft_cross_entropy")
