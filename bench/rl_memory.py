@@ -1,7 +1,7 @@
 r"""Peak memory of one RL update and one scoring pass at the Qwen2.5-0.5B shape.
 
   python -m bench.rl_memory                      # configs/rl_qwen_gsm8k.py's settings
-  python -m bench.rl_memory --vocab_chunks=0,8192 --minibatch_size=32
+  python -m bench.rl_memory --vocab_chunks=0,8192 --grad_accum_steps=1,4
 
 Nothing is allocated: the RL state (policy, frozen reference, AdamW moments) and one
 minibatch are abstract shapes; each jitted function is lowered and compiled for the
@@ -36,6 +36,8 @@ _CHUNKS = flags.DEFINE_list("vocab_chunks", ["0", "8192"],
                             "rl.vocab_chunk values to compare (0 = the whole vocabulary).")
 _MINIBATCH = flags.DEFINE_integer("minibatch_size", None, "Rows per update (default: "
                                   "configs/rl_qwen_gsm8k.py's).")
+_ACCUM = flags.DEFINE_list("grad_accum_steps", None, "rl.grad_accum_steps values "
+                           "(default: the config's).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the config's "
                             "max_prompt_len + max_new_tokens).")
 
@@ -81,29 +83,33 @@ def main(argv):
         f"compute, remat={config.model.remat}, advantage={algo.advantage}, minibatch "
         f"{B} x {T} tokens, {len(jax.devices())} device(s)", flush=True)
   rows, results = [], []
-  for chunk in [int(c) for c in _CHUNKS.value]:
+  accums = [int(a) for a in (_ACCUM.value or [rl_cfg.grad_accum_steps])]
+  cases = [(c, a) for c in [int(c) for c in _CHUNKS.value] for a in accums]
+  for chunk, accum in cases:
     loss_fn = losses.get_loss("ppo", model_cfg, algo=algo, temperature=rl_cfg.temperature,
                               vocab_chunk=chunk)
-    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx), spec.shardings,
-                                     bs, mesh, rules)
+    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, accum),
+                                     spec.shardings, bs, mesh, rules)
     score = step_lib.jit_eval_fn(
         learner.make_score_fn(model_cfg, algo.uses_critic, rl_cfg.temperature, chunk),
         spec.shardings, bs, mesh, rules)
-    for name, fn, args in (("update step", update, (spec.abstract, batch)),
-                           ("scoring pass", score, (spec.abstract, {
-                               k: batch[k] for k in ("inputs", "targets", "positions",
-                                                     "segment_ids")}))):
+    jobs = [("update step", update, (spec.abstract, batch))]
+    if accum == accums[0]:  # The scoring pass does not accumulate.
+      jobs.append(("scoring pass", score, (spec.abstract, {
+          k: batch[k] for k in ("inputs", "targets", "positions", "segment_ids")})))
+    for name, fn, args in jobs:
       t0 = time.time()
       with sharding_lib.activation_sharding(mesh, rules):
         compiled = fn.jitted.lower(*args).compile()
       figures = _analysis(compiled)
-      results.append({"vocab_chunk": chunk, "function": name, **figures,
-                      "compile_s": time.time() - t0})
-      rows.append([str(chunk or "none (full vocabulary)"), name,
+      results.append({"vocab_chunk": chunk, "grad_accum_steps": accum, "function": name,
+                      **figures, "compile_s": time.time() - t0})
+      rows.append([str(chunk or "none (full vocabulary)"),
+                   str(accum) if name == "update step" else "-", name,
                    f"{figures['arguments_gib']:.2f}", f"{figures['temporaries_gib']:.2f}",
                    f"{figures['peak_gib']:.2f}"])
       print(rows[-1], f"compiled in {time.time() - t0:.0f} s", flush=True)
-  print(common.markdown_table(["vocab chunk", "function", "arguments GiB",
+  print(common.markdown_table(["vocab chunk", "grad accum", "function", "arguments GiB",
                                "temporaries GiB", "peak GiB"], rows))
   path = common.write_results("rl_memory", {"minibatch": [B, T], "results": results})
   print(f"wrote {path}")

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0  # Sampling temperature of the rollouts.
   c.rl.epochs = 1  # Passes over each step's samples.
   c.rl.minibatch_size = 128  # Completions per update (divides prompts x group).
+  c.rl.grad_accum_steps = 1  # Microbatches per update (same update, less memory).
   # The RL updates' optimizer (o3lite.training.optimizer, as the `optimizer` section):
   # steps are minibatch updates; final_lr_fraction 1 keeps the rate constant after warmup.
   c.rl.optimizer = ml_collections.ConfigDict({

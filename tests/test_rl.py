@@ -290,3 +290,38 @@ def test_rl_from_a_hugging_face_folder(tiny_run, tmp_path):
   with pytest.raises(errors.O3liteError, match="not both"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.init_from_hf": hf_dir}),
                       str(tmp_path / "both"))
+
+
+def test_rl_update_with_gradient_accumulation_equals_one_big_minibatch(tiny_run, tmp_path):
+  """rl.grad_accum_steps splits a minibatch into microbatches (less memory): the update is
+  the one of the whole minibatch, policy and critic (token-mean aggregation)."""
+  from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
+  from o3lite.training import losses, step as step_lib  # pylint: disable=g-import-not-at-top
+  config = _config_like(tiny_run, **{"mesh.shape": (8, 1, 1), "rl.advantage": "gae",
+                                     "rl.kl_coef": 0.05})
+  run = rl_trainer.setup(config, str(tmp_path), tiny_run)
+  params, _ = checkpoint_lib.restore_params(os.path.join(tiny_run, "checkpoints"),
+                                            {"policy": run.abstract_state.params["policy"]})
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(3, 20, 5)) for _ in range(16)]
+  completions = [list(rng.integers(3, 20, int(rng.integers(2, 9)))) for _ in range(16)]
+  batch = pipeline.rollout_batch(prompts, completions, [True] * 16, 16, 1, 0)
+  mask = batch["mask"]
+  batch.update(old_logp=-np.ones_like(mask), ref_logp=-np.ones_like(mask),
+               advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
+               returns=rng.normal(size=mask.shape).astype(np.float32) * mask,
+               old_values=np.zeros_like(mask))
+  bs = sharding_lib.batch_sharding(run.mesh, run.rules)
+  loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo)
+  results = []
+  for accum in (1, 2):
+    state = rl.initial_state(run.spec, params["policy"], True, 0)
+    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, run.tx, accum),
+                                     run.shardings, bs, run.mesh, run.rules)
+    state, m = update(state, sharding_lib.put_global_batch(batch, bs))
+    results.append((jax.device_get(m), jax.device_get(state.params)))
+  (m1, p1), (m2, p2) = results
+  for k in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "count"):
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)

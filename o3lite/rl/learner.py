@@ -97,8 +97,8 @@ def ppo_actor_critic(model_cfg: model_lib.ModelConfig, algo: alg.RLAlgoConfig,
   policy's entropy, computed only when entropy_coef != 0; agg: `algo.loss_aggregation`.
   The critic's clipped value loss is a token mean; the two terms touch disjoint trees,
   so the sum gives each its own gradient. Returns sums (see `losses.LossSums`); the value
-  term is scaled to the policy term's count, exact for one minibatch per update (RL's
-  updates never accumulate microbatches).
+  term is scaled to the policy term's count per microbatch: exact without gradient
+  accumulation, and with it under token-mean aggregation (both count tokens).
   """
   critic = heads.ScalarHead(model_cfg)
   policy_loss = alg.POLICY_LOSSES[algo.policy_loss]

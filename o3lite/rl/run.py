@@ -85,8 +85,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"rl.minibatch_size={rl_cfg.minibatch_size} does not divide the {rows} "
         "completions of a step (prompts_per_step x group_size)")
+  if rl_cfg.grad_accum_steps < 1 or rl_cfg.minibatch_size % rl_cfg.grad_accum_steps:
+    raise errors.ConfigError(
+        f"rl.grad_accum_steps={rl_cfg.grad_accum_steps} must be >= 1 and divide "
+        f"rl.minibatch_size={rl_cfg.minibatch_size}")
   mesh = sharding_lib.make_mesh(config.mesh.axes, config.mesh.shape)
-  sharding_lib.check_batch(rl_cfg.minibatch_size, mesh,
+  sharding_lib.check_batch(rl_cfg.minibatch_size // rl_cfg.grad_accum_steps, mesh,
                            tuple(tuple(r) for r in config.mesh.rules))
   optimizer_lib.validate(rl_cfg.optimizer, "rl.optimizer")
   if not (rl_cfg.value_learning_rate >= 0):
@@ -314,8 +318,9 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       run.shardings, batch_sharding, run.mesh, run.rules)
   loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo,
                             temperature=rl_cfg.temperature, vocab_chunk=rl_cfg.vocab_chunk)
-  update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, run.tx),
-                                   run.shardings, batch_sharding, run.mesh, run.rules)
+  update = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, run.tx, rl_cfg.grad_accum_steps), run.shardings,
+      batch_sharding, run.mesh, run.rules)
   advantage_fn = alg.ADVANTAGES[run.algo.advantage]
   kl_estimator = alg.KL_ESTIMATORS[run.algo.kl_estimator]
   writer = metric_writer.MetricWriter(workdir, rl_cfg.num_steps, start, enabled=is_main)
