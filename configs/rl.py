@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.vocab_chunk = 0  # Vocabulary columns per log-sum-exp chunk in the learner (0 = all).
   c.rl.max_nonfinite_in_a_row = 10  # RL steps with a NaN / inf update in a row that stop.
 
-  # The algorithm (o3lite.algorithms; names are registered functions).
+  # The algorithm (o3lite.rl.algorithms; names are registered functions).
   c.rl.advantage = "gae"  # gae (PPO with a critic) | grpo | dr_grpo | rloo.
   c.rl.policy_loss = "ppo"  # Clipped-ratio surrogate.
   c.rl.loss_aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum.
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.dynamic_sampling = False  # DAPO: drop groups with equal rewards and refill.
   c.rl.max_sampling_rounds = 3  # Sampling rounds per step when refilling.
 
-  # Weighted reward functions (o3lite.rewards): correctness, format, length_penalty.
+  # Weighted reward functions (o3lite.rl.rewards): correctness, format, length_penalty.
   # Correctness alone here: the warm start already keeps the format, and a small format
   # weight would, after group normalization, turn format noise into full-size advantages.
   c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0})

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.method = "sft"  # Which trainer runs this config.
   c.seed = 0  # Seeds parameter init and the training RNG.
 
-  # Model hyperparameters: fields of o3lite.model.ModelConfig (tiny: ~0.1M parameters).
+  # Model hyperparameters: fields of o3lite.model.transformer.ModelConfig (tiny: ~0.1M parameters).
   # vocab_size, num_layers, embed_dim, num_heads, num_kv_heads, head_dim, mlp_dim,
   # rope_theta, norm_eps, qkv_bias, tie_embeddings, dtype (compute: float32 | bfloat16),
   # remat (rematerialize blocks in the backward pass).

@@ -36,9 +36,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from o3lite import errors  # pylint: disable=g-import-not-at-top
   from o3lite.evaluation import heldout as evaluation  # pylint: disable=g-import-not-at-top
-  from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
+  from o3lite.training import sft  # pylint: disable=g-import-not-at-top
   try:
-    run, params = trainer.load_run(_WORKDIR.value, _STEP.value)
+    run, params = sft.load_run(_WORKDIR.value, _STEP.value)
     eval_cfg = run.config.eval
     with run.config.unlocked():
       for key, flag in _OVERRIDES.items():
@@ -47,7 +47,7 @@ def main(argv):
       if _BUDGETS.value is not None:
         eval_cfg.think_budgets = tuple(int(b) for b in _BUDGETS.value)
     split = _SPLIT.value or eval_cfg.split
-    metrics, samples = trainer.evaluate(run, params, split,
+    metrics, samples = sft.evaluate(run, params, split,
                                         _NUM_EXAMPLES.value or eval_cfg.num_examples)
   except errors.O3liteError as e:
     errors.exit_with(e)

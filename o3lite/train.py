@@ -67,8 +67,8 @@ def main(argv):
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
   from o3lite import errors
-  from o3lite.rl import run as rl_trainer
-  from o3lite.training import sft as trainer
+  from o3lite.rl import run as rl_run
+  from o3lite.training import sft
 
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # The file did not load.
@@ -78,7 +78,7 @@ def main(argv):
     sys.exit(1)
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  runners = {"sft": trainer.run_sft, "rl": rl_trainer.run_rl}
+  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl}
   if config.method not in runners:
     errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:

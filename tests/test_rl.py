@@ -162,6 +162,21 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
   assert "corrupt" not in str(e.value)
 
 
+def _random_rl_minibatch(seed: int, ragged: bool) -> dict[str, np.ndarray]:
+  """16 random rollout rows with the learner's inputs (advantages, returns, ...)."""
+  rng = np.random.default_rng(seed)
+  prompts = [list(rng.integers(3, 20, 5)) for _ in range(16)]
+  completions = [list(rng.integers(3, 20, int(rng.integers(2, 9)) if ragged else 6))
+                 for _ in range(16)]
+  batch = pipeline.rollout_batch(prompts, completions, [True] * 16, 16, 1, 0)
+  mask = batch["mask"]
+  batch.update(old_logp=-np.ones_like(mask), ref_logp=-np.ones_like(mask),
+               advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
+               returns=rng.normal(size=mask.shape).astype(np.float32) * mask,
+               old_values=np.zeros_like(mask))
+  return batch
+
+
 def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
   """RL updates with the batch over 8 devices and with parameters split 4 ways (fsdp)
   give the same numbers."""
@@ -174,15 +189,7 @@ def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
         os.path.join(tiny_run, "checkpoints"),
         {"policy": run.abstract_state.params["policy"]})
     state = rl.initial_state(run.spec, params["policy"], True, 0)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, 20, 5)) for _ in range(16)]
-    completions = [list(rng.integers(3, 20, 6)) for _ in range(16)]
-    batch = pipeline.rollout_batch(prompts, completions, [True] * 16, 16, 1, 0)
-    mask = batch["mask"]
-    batch.update(old_logp=-np.ones_like(mask), ref_logp=-np.ones_like(mask),
-                 advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
-                 returns=rng.normal(size=mask.shape).astype(np.float32) * mask,
-                 old_values=np.zeros_like(mask))
+    batch = _random_rl_minibatch(seed=0, ragged=False)
     from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
     bs = sharding_lib.batch_sharding(run.mesh, run.rules)
     from o3lite.training import losses, step as step_lib  # pylint: disable=g-import-not-at-top
@@ -302,15 +309,7 @@ def test_rl_update_with_gradient_accumulation_equals_one_big_minibatch(tiny_run,
   run = rl_trainer.setup(config, str(tmp_path), tiny_run)
   params, _ = checkpoint_lib.restore_params(os.path.join(tiny_run, "checkpoints"),
                                             {"policy": run.abstract_state.params["policy"]})
-  rng = np.random.default_rng(1)
-  prompts = [list(rng.integers(3, 20, 5)) for _ in range(16)]
-  completions = [list(rng.integers(3, 20, int(rng.integers(2, 9)))) for _ in range(16)]
-  batch = pipeline.rollout_batch(prompts, completions, [True] * 16, 16, 1, 0)
-  mask = batch["mask"]
-  batch.update(old_logp=-np.ones_like(mask), ref_logp=-np.ones_like(mask),
-               advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
-               returns=rng.normal(size=mask.shape).astype(np.float32) * mask,
-               old_values=np.zeros_like(mask))
+  batch = _random_rl_minibatch(seed=1, ragged=True)
   bs = sharding_lib.batch_sharding(run.mesh, run.rules)
   loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo)
   results = []

@@ -441,9 +441,9 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   Each tensor is read (memory-mapped), converted and placed on its own, so the host holds
   one tensor at a time and no device ever holds a full copy of a sharded parameter.
   Placement: `shardings` (a NamedSharding tree of the params, e.g.
-  `trainer.Run.state_shardings.params`), else the shardings `rules` give on `mesh`, else
+  `sft.Run.state_shardings.params["policy"]`), else the shardings `rules` give on `mesh`, else
   the default device. `overrides` go to `model_config_from_hf` (e.g. dtype="bfloat16").
-  The tokenizer of the folder: `o3lite.tokenizer.HFTokenizer(path)`; it may add the think
+  The tokenizer of the folder: `o3lite.data.tokenizers.HFTokenizer(path)`; it may add the think
   delimiters as new tokens, so `min_vocab_size=len(tokenizer)` grows the embedding (and
   an untied output matrix) to fit them, new rows set to the mean row. Pass that
   `tokenizer` too: the rows of the tokens it added (`added_ids`) are then set to the
