@@ -1,6 +1,7 @@
 r"""Entry point: evaluate a training run's checkpoint on a held-out split.
 
   python -m o3lite.evaluate --workdir=DIR [--split=test] [--num_examples=500]
+      [--mesh_shape=-1,1,1]   # another mesh than the run's (e.g. fewer devices)
       [--num_samples=8 --temperature=0.8] [--think_budgets=4,8,16]
 
 The checkpoint, tokenizer and config come from DIR; settings default to the run's `eval`
@@ -28,6 +29,8 @@ _OVERRIDES = {
     "seed": flags.DEFINE_integer("seed", None, "Sampling seed."),
 }
 _BUDGETS = flags.DEFINE_list("think_budgets", None, "Thinking budgets (tokens) to try.")
+_MESH = flags.DEFINE_list("mesh_shape", None, "Mesh shape to evaluate on, e.g. -1,1,1 "
+                          "(default: the run's own, which must fit the devices here).")
 
 
 def main(argv):
@@ -38,7 +41,14 @@ def main(argv):
   from o3lite.evaluation import heldout as evaluation  # pylint: disable=g-import-not-at-top
   from o3lite.training import sft  # pylint: disable=g-import-not-at-top
   try:
-    run, params = sft.load_run(_WORKDIR.value, _STEP.value)
+    mesh_shape = None
+    if _MESH.value is not None:
+      try:
+        mesh_shape = tuple(int(s) for s in _MESH.value)
+      except ValueError:
+        raise errors.ConfigError(f"--mesh_shape={','.join(_MESH.value)}: expected "
+                                 "integers, e.g. -1,1,1") from None
+    run, params = sft.load_run(_WORKDIR.value, _STEP.value, mesh_shape)
     eval_cfg = run.config.eval
     with run.config.unlocked():
       for key, flag in _OVERRIDES.items():
@@ -48,7 +58,7 @@ def main(argv):
         eval_cfg.think_budgets = tuple(int(b) for b in _BUDGETS.value)
     split = _SPLIT.value or eval_cfg.split
     metrics, samples = sft.evaluate(run, params, split,
-                                        _NUM_EXAMPLES.value or eval_cfg.num_examples)
+                                    _NUM_EXAMPLES.value or eval_cfg.num_examples)
   except errors.O3liteError as e:
     errors.exit_with(e)
   if jax.process_index() == 0:

@@ -152,6 +152,19 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
   assert out.returncode == 0, out.stderr[-2000:]
   with open(os.path.join(workdir, "eval_test.json")) as f:
     assert json.load(f)["num_examples"] == 4
+  # On one device the run's (4, 2, 1) mesh does not fit: a one-line MeshError, and
+  # --mesh_shape evaluates it there anyway.
+  one_device = {**os.environ, "XLA_FLAGS": ""}
+  args = [sys.executable, "-m", "o3lite.evaluate", f"--workdir={workdir}",
+          "--num_examples=4", "--num_samples=0", "--split=validation"]
+  out = subprocess.run(args, cwd=REPO, env=one_device, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 1 and "MeshError" in out.stderr.strip().splitlines()[-1]
+  out = subprocess.run(args + ["--mesh_shape=-1,1,1"], cwd=REPO, env=one_device,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(os.path.join(workdir, "eval_validation.json")) as f:
+    assert json.load(f)["num_examples"] == 4
   from o3lite.training import run_folder  # pylint: disable=g-import-not-at-top
   sft_run = sft_lib.setup(run_folder.load_config(tiny_run), str(tmp_path / "x"),
                           run_folder.load_model_config(tiny_run))

@@ -195,10 +195,14 @@ def evaluate(run: Run, policy_params, split: str, num_examples: int) -> tuple[di
       run.mesh, run.rules)
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[Run, Any]:
+def load_run(workdir: str, step: int | None = None,
+             mesh_shape: tuple[int, ...] | None = None) -> tuple[Run, Any]:
   """Any finished or running run (SFT or RL) rebuilt from its folder:
-  (Run, policy parameters of its latest or `step` checkpoint)."""
+  (Run, policy parameters of its latest or `step` checkpoint), on the run's mesh or on
+  `mesh_shape` (the parameters are placed with that mesh's shardings)."""
   config = run_folder.load_config(workdir)
+  if mesh_shape is not None:
+    config.mesh.shape = type(config.mesh.shape)(mesh_shape)  # list, as JSON loads it
   model_cfg = run_folder.load_model_config(workdir)
   config.data.tokenizer = tokenizer_lib.saved_path(
       os.path.join(workdir, run_folder.TOKENIZER_DIR))
