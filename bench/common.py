@@ -16,7 +16,8 @@ from o3lite.parallel import host_memory
 
 KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True, "As `python -m o3lite.train` does: glibc's malloc reuses "
-    "freed memory on CPU-only machines (o3lite/parallel/host_memory.py). Process-wide: the torch baseline gets it too.")
+    "freed memory on CPU-only machines (o3lite/parallel/host_memory.py). Process-wide: "
+    "the torch baseline gets it too.")
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
   c.train.async_checkpointing = True  # Save in the background while training goes on.
   c.train.max_nonfinite_in_a_row = 10  # Skipped (NaN / inf) steps in a row that stop the run.
-  c.train.init_from = ""  # Run folder (or its checkpoints/) of an earlier run to start from ("" = init).
+  # Run folder (or its checkpoints/) of an earlier run to start from ("" = init).
+  c.train.init_from = ""
   # Local Hugging Face Llama / Qwen2 folder (config.json + safetensors) to start from: its
   # shape replaces the `model` section (whose dtype and remat still apply) and its
   # tokenizer is used unless data.tokenizer is set. "" = random init.

@@ -1,7 +1,8 @@
 """Device mesh and logical-to-mesh sharding rules: the one place sharding is declared.
 
 Every parameter carries logical axis names (see `model/transformer.py`); the config maps
-each logical name to mesh axes. The same code runs on 1 CPU, 8 simulated CPU devices, a GPU or a TPU pod.
+each logical name to mesh axes. The same code runs on 1 CPU, 8 simulated CPU devices, a
+GPU or a TPU pod.
 """
 
 from __future__ import annotations
