@@ -25,6 +25,7 @@ def get_config():
   c.data.source = "gsm8k"
   c.data.path = ""  # "" = ../shared/data/gsm8k next to the repository.
   c.data.vocab_size = 2048  # Unused: the checkpoint's tokenizer is used.
+  c.data.cot_slip_rate = 0.0  # No warm start, and slips are an opchain device anyway.
   c.data.seq_len = 512
   c.model.dtype = "bfloat16"  # Compute dtype (parameters and optimizer stay fp32).
   c.model.remat = True  # Rematerialize blocks in the backward pass.

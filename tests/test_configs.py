@@ -34,6 +34,9 @@ def test_config_builds(name):
     rl_trainer.algo_config(config.rl)
     rows = config.rl.prompts_per_step * config.rl.group_size
     assert rows % config.rl.minibatch_size == 0
+    rl_trainer.validate(config)  # The whole check a run makes before any work.
+  else:
+    trainer.validate(config)
   config.lock()
   with pytest.raises(AttributeError):
     config.train.num_stepz = 3  # A typo is an error, not a new key.
