@@ -91,10 +91,6 @@ def _rollouts(run, policy, examples, key):
   return batch, scores
 
 
-def _explained(values, returns, mask) -> float:
-  return alg.explained_variance(values, returns, mask)
-
-
 def main(argv):
   del argv
   common.setup_host_memory()
@@ -151,16 +147,18 @@ def main(argv):
           {k: fit_batch[k][idx] for k in keys}, bs))
       if (i + 1) % max(_STEPS.value // 4, 1) == 0:
         v = np.asarray(jax.jit(predict)(state.params, {k: test_batch[k] for k in keys}))
-        curve.append((i + 1, _explained(v, test_batch["returns"], test_batch["mask"])))
+        curve.append((i + 1, alg.explained_variance(v, test_batch["returns"],
+                                                    test_batch["mask"])))
     v = np.asarray(jax.jit(predict)(state.params, {k: test_batch[k] for k in keys}))
     last = np.zeros_like(test_batch["mask"])
     ends = test_batch["mask"].sum(1).astype(int) + (test_batch["mask"].argmax(1)) - 1
     last[np.arange(len(ends)), ends] = 1
-    ev_all = _explained(v, test_batch["returns"], test_batch["mask"])
-    ev_after = _explained(v, test_batch["returns"], test_batch["mask"] * test_batch["after_star"])
-    ev_last = _explained(v, test_batch["returns"], last)
+    ev_all = alg.explained_variance(v, test_batch["returns"], test_batch["mask"])
+    ev_after = alg.explained_variance(v, test_batch["returns"],
+                                      test_batch["mask"] * test_batch["after_star"])
+    ev_last = alg.explained_variance(v, test_batch["returns"], last)
     fit_v = np.asarray(jax.jit(predict)(state.params, {k: fit_batch[k] for k in keys}))
-    ev_fit = _explained(fit_v, fit_batch["returns"], fit_batch["mask"])
+    ev_fit = alg.explained_variance(fit_v, fit_batch["returns"], fit_batch["mask"])
     rows.append([f"{lr:g}", str(_STEPS.value), f"{ev_fit:.3f}", f"{ev_all:.3f}",
                  f"{ev_after:.3f}", f"{ev_last:.3f}",
                  " ".join(f"{s}:{e:.3f}" for s, e in curve)])

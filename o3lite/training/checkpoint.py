@@ -43,7 +43,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_position: int, force: bool = False) -> bool:
     """Save if `step` is on the interval (or `force`); returns whether it saved."""
-    if step in self.all_steps() or (not force and step % self.save_every):
+    if step in self.all_steps() or (not force and not self.due(step)):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave({"position": int(data_position),

@@ -71,10 +71,10 @@ def fit(state: Any, iterate: Callable[[Any, int, int], tuple[Any, int, dict]],
   last: the caller's final evaluation covers it); `host_metrics(done)` adds host-side
   figures (tokens/s, learning rate) to each logged line.
   """
-  pending = None  # (done, metrics, extra) of the previous iteration, read one late.
+  pending = None  # (done, metrics, extra, logged) of the previous iteration, read late.
   nonfinite_run, nonfinite_total = 0, 0
 
-  def flush(item):
+  def flush(item) -> None:
     nonlocal nonfinite_run, nonfinite_total
     done, metrics, extra, logged = item
     values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
@@ -95,7 +95,6 @@ def fit(state: Any, iterate: Callable[[Any, int, int], tuple[Any, int, dict]],
           f"{nonfinite_run} non-finite steps in a row, the last at step {done} (loss or "
           f"gradient NaN / inf; check the learning rate and the data); last checkpoint "
           f"at step {checkpointer.latest_step()} in {checkpointer.directory}")
-    return bad
 
   try:
     for step in range(start, loop.num_steps):
@@ -104,20 +103,14 @@ def fit(state: Any, iterate: Callable[[Any, int, int], tuple[Any, int, dict]],
       last = done == loop.num_steps
       if pending is not None:
         flush(pending)
-        pending = None
       logged = loop.log_all or done % loop.log_every == 0 or last
-      extra = host_metrics(done) if (logged and host_metrics) else {}
-      if "nonfinite" in metrics:
-        pending = (done, metrics, extra, logged)
-        # A checkpoint only after a finite step: read this one's flag now (rarely).
-        if checkpointer.due(done) or last:
-          flush(pending)
-          pending = None
-          if nonfinite_run == 0:
-            checkpointer.save(done, state, position, force=True)
-      else:
-        flush((done, metrics, extra, logged))
-        if checkpointer.due(done) or last:
+      extra = host_metrics(done) if logged and host_metrics else {}
+      pending = (done, metrics, extra, logged)
+      if checkpointer.due(done) or last:
+        # A checkpoint only after a finite step: read this step's metrics now (rarely).
+        flush(pending)
+        pending = None
+        if nonfinite_run == 0:
           checkpointer.save(done, state, position, force=True)
       if evaluate and loop.eval_every and done % loop.eval_every == 0 and not last:
         evaluate(state, done)

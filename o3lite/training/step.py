@@ -86,9 +86,9 @@ def make_train_step(loss_fn: Callable[[Any, Any, Batch], LossSums],
                "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
                "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
                "count": out.count, "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    for name in state.params:  # Per-tree norms where a state trains several (PPO).
-      if len(state.params) > 1:
-        metrics[f"{name}_grad_norm"] = optax.global_norm(grads[name])
+    if len(state.params) > 1:  # Per-tree norms where a state trains several (PPO).
+      metrics.update({f"{name}_grad_norm": optax.global_norm(grads[name])
+                      for name in state.params})
     return new_state, metrics
 
   return step
