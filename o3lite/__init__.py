@@ -4,6 +4,7 @@ The tree follows the recipe, one subpackage per stage. A layer imports only the 
 before it (tests/test_layout.py checks every import):
 
   errors       o3lite's error types (bad input: one line, non-zero exit)
+  registry     functions registered by name (losses, advantages, rewards, ...)
   model        the transformer, heads on it, the XLA:CPU kernels
   parallel     device mesh and sharding rules, multi-process start, host memory
   data         tasks, the answer format, tokenizers, TFDS builders, batching
@@ -17,5 +18,5 @@ before it (tests/test_layout.py checks every import):
 """
 
 # The layers above, lowest first; tests/test_layout.py reads this.
-LAYERS = ("errors", "model", "parallel", "data", "interop", "sampling", "evaluation",
+LAYERS = ("errors", "registry", "model", "parallel", "data", "interop", "sampling", "evaluation",
           "training", "rl", "train", "evaluate", "export")

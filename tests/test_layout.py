@@ -52,3 +52,21 @@ def test_lower_layers_never_import_higher_ones():
       if imported != layer:
         assert _rank(imported) < _rank(layer), f"{rel} ({layer}) imports {imported}"
   assert found > 50  # The walk really saw the package's imports.
+
+
+def test_a_registry_names_what_it_holds():
+  from o3lite import errors  # pylint: disable=g-import-not-at-top
+  from o3lite.registry import Registry  # pylint: disable=g-import-not-at-top
+  table = Registry("search strategy")
+  table.register("beam")(len)
+  assert table.lookup("beam") is len and sorted(table) == ["beam"]
+  try:
+    table.register("beam")(len)
+    raise AssertionError("a second registration under one name must fail")
+  except ValueError as e:
+    assert str(e) == "search strategy 'beam' is registered twice"
+  try:
+    table.lookup("bean")
+    raise AssertionError("an unknown name must fail")
+  except errors.ConfigError as e:
+    assert str(e) == "unknown search strategy 'bean'; registered: ['beam']"

@@ -15,49 +15,23 @@ Every function works on numpy or jax arrays and inside `jit`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from o3lite import errors
+from o3lite.registry import Registry
 
-ADVANTAGES: dict[str, Callable] = {}
-POLICY_LOSSES: dict[str, Callable] = {}
-KL_ESTIMATORS: dict[str, Callable] = {}
-AGGREGATIONS: dict[str, Callable] = {}
-
-
-def _register(table: dict[str, Callable], name: str):
-  def wrap(fn):
-    if name in table:
-      raise ValueError(f"{name!r} is registered twice")
-    table[name] = fn
-    return fn
-  return wrap
-
-
-def register_advantage_estimator(name: str):
-  return _register(ADVANTAGES, name)
-
-
-def register_policy_loss(name: str):
-  return _register(POLICY_LOSSES, name)
-
-
-def register_kl_estimator(name: str):
-  return _register(KL_ESTIMATORS, name)
-
-
-def register_aggregation(name: str):
-  return _register(AGGREGATIONS, name)
-
-
-def get(table: dict[str, Callable], name: str, what: str) -> Callable:
-  if name not in table:
-    raise errors.ConfigError(f"unknown {what} {name!r}; registered: {sorted(table)}")
-  return table[name]
+ADVANTAGES = Registry("advantage estimator")
+POLICY_LOSSES = Registry("policy loss")
+KL_ESTIMATORS = Registry("KL estimator")
+AGGREGATIONS = Registry("loss aggregation")
+register_advantage_estimator = ADVANTAGES.register
+register_policy_loss = POLICY_LOSSES.register
+register_kl_estimator = KL_ESTIMATORS.register
+register_aggregation = AGGREGATIONS.register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +55,10 @@ class RLAlgoConfig:
   eps: float = 1e-6  # Added to the group std (grpo).
 
   def __post_init__(self):
-    get(ADVANTAGES, self.advantage, "advantage estimator")
-    get(POLICY_LOSSES, self.policy_loss, "policy loss")
-    get(KL_ESTIMATORS, self.kl_estimator, "KL estimator")
-    get(AGGREGATIONS, self.loss_aggregation, "loss aggregation")
+    ADVANTAGES.lookup(self.advantage)
+    POLICY_LOSSES.lookup(self.policy_loss)
+    KL_ESTIMATORS.lookup(self.kl_estimator)
+    AGGREGATIONS.lookup(self.loss_aggregation)
     if self.group_size < 1 or (self.advantage == "rloo" and self.group_size < 2):
       raise errors.ConfigError(f"group_size={self.group_size} is too small for {self.advantage}")
     if not (0 <= self.clip_low < 1 and self.clip_high >= 0):

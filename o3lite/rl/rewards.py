@@ -15,17 +15,10 @@ from typing import Callable, Mapping, Sequence
 
 from o3lite import errors
 from o3lite.data import formatting
+from o3lite.registry import Registry
 
-REWARDS: dict[str, Callable[..., float]] = {}
-
-
-def register_reward(name: str):
-  def wrap(fn):
-    if name in REWARDS:
-      raise ValueError(f"reward {name!r} is registered twice")
-    REWARDS[name] = fn
-    return fn
-  return wrap
+REWARDS = Registry("reward function")
+register_reward = REWARDS.register
 
 
 @register_reward("correctness")

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from o3lite import errors
 from o3lite.model import cpu_kernels
 from o3lite.model import transformer as model_lib
+from o3lite.registry import Registry
 
 Batch = dict[str, jax.Array]
-LOSSES: dict[str, Callable[..., Callable]] = {}
+LOSSES = Registry("loss")  # name -> factory `(model_cfg, **options) -> loss_fn`.
+register_loss = LOSSES.register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,20 +45,9 @@ jax.tree_util.register_dataclass(LossSums, data_fields=["loss_sum", "count", "me
                                  meta_fields=[])
 
 
-def register_loss(name: str):
-  """Registers a loss factory `(model_cfg, **options) -> loss_fn` under `name`."""
-  def wrap(factory):
-    if name in LOSSES:
-      raise ValueError(f"loss {name!r} is registered twice")
-    LOSSES[name] = factory
-    return factory
-  return wrap
-
-
 def get_loss(name: str, model_cfg: model_lib.ModelConfig, **options) -> Callable:
-  if name not in LOSSES:
-    raise errors.ConfigError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
-  return LOSSES[name](model_cfg, **options)
+  """The loss registered as `name`, built for `model_cfg` with `options`."""
+  return LOSSES.lookup(name)(model_cfg, **options)
 
 
 def chunked_token_logprobs(x_BxTxD: jax.Array, w_out: jax.Array, targets_BxT: jax.Array,
