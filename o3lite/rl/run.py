@@ -8,7 +8,8 @@ learner score the samples (log-probs, reference log-probs, values; one minibatch
 time), compute advantages, then `epochs` passes of minibatch updates, each the one train
 step of `o3lite.training.step` with the registered "ppo" loss. The loop
 (`o3lite.training.loop.fit`) owns logging, checkpoints (policy, critic, reference,
-optimizer states, RNG, prompt position), periodic evaluation and resume.
+optimizer states, RNG, prompt position), periodic evaluation and resume. Sampling,
+scoring and the learner's arrays are `rollouts.py`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from o3lite import errors
-from o3lite.data import batching
 from o3lite.data import sources
 from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.evaluation import heldout
@@ -34,6 +34,7 @@ from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
 from o3lite.rl import learner
 from o3lite.rl import rewards as rewards_lib
+from o3lite.rl import rollouts
 from o3lite.sampling import sampler as sampling
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import loop as loop_lib
@@ -165,97 +166,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, sft_dir: str) -> RLRu
                spec)
 
 
-class PromptStream:
-  """Training prompts in a seeded order, epoch after epoch; `position` counts prompts
-  taken, so the stream resumes exactly from a checkpoint."""
-
-  def __init__(self, examples, tokenizer, seed: int, max_prompt_len: int):
-    self.examples = examples
-    self.prompts = batching.encode_prompts(examples, tokenizer)
-    if not self.prompts:
-      raise errors.DataError("the RL training split has no examples")
-    longest = max(len(p) for p in self.prompts)
-    if longest > max_prompt_len:
-      raise errors.ConfigError(f"a training prompt has {longest} tokens; "
-                               f"rl.max_prompt_len is {max_prompt_len}")
-    self.seed = seed
-    self._epoch, self._order = -1, None  # The current epoch's permutation, drawn once.
-
-  def take(self, position: int, n: int) -> tuple[list[int], int]:
-    indices = []
-    N = len(self.examples)
-    for p in range(position, position + n):
-      epoch, i = divmod(p, N)
-      if epoch != self._epoch:
-        self._epoch = epoch
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(N)
-      indices.append(int(self._order[i]))
-    return indices, position + n
-
-
 def _evaluate(run: RLRun, params, name: str) -> dict[str, Any]:
   cfg = run.config
   metrics, samples = sft_lib.evaluate(run, params, cfg.eval.split, cfg.eval.num_examples)
   if jax.process_index() == 0:
     heldout.write_eval(run.workdir, metrics, samples, name=name)
   return metrics
-
-
-def _sample_groups(run: RLRun, state, stream: PromptStream, position: int, step: int,
-                   scorer: rewards_lib.RewardScorer, scfg: sampling.SamplingConfig):
-  """Samples, decodes and scores groups; with dynamic sampling, refills dropped groups."""
-  rl_cfg = run.config.rl
-  want, G = rl_cfg.prompts_per_step, rl_cfg.group_size
-  kept: list[dict] = []
-  stats = {"reward_failures": 0, "reward_timeouts": 0, "dropped_groups": 0,
-           "sampling_rounds": 0}
-  first_round: list[dict] = []  # Fallback when too few groups are informative.
-  for round_index in range(max(rl_cfg.max_sampling_rounds, 1)):
-    indices, position = stream.take(position, want)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, step), round_index)
-    prompts = [stream.prompts[i] for i in indices]
-    drawn = sampling.sample(state.params["policy"], prompts, run.model_cfg, scfg, want,
-                            key, run.mesh, run.rules)
-    texts, targets, lengths, groups = [], [], [], []
-    for i, prompt, group in zip(indices, prompts, drawn):
-      for c in group:
-        texts.append(run.tokenizer.decode(c.tokens))
-        targets.append(stream.examples[i]["answer"])
-        lengths.append(len(c.tokens) + int(c.finished))
-      groups.append((prompt, group))
-    scores = scorer.score(texts, targets, lengths, rl_cfg.max_new_tokens + 1)
-    stats["reward_failures"] += scores.failures
-    stats["reward_timeouts"] += scores.timeouts
-    stats["sampling_rounds"] += 1
-    total = np.asarray(scores.total, np.float32)
-    keep = (alg.informative_groups(total, G) if rl_cfg.dynamic_sampling
-            else np.ones(want, bool))
-    stats["dropped_groups"] += int(np.sum(~keep))
-    correct = np.asarray(scores.parts.get("correctness", [np.nan] * len(total)))
-    for g, (prompt, group) in enumerate(groups):
-      record = {"prompt": prompt, "group": group, "scores": total[g * G:(g + 1) * G],
-                "correct": correct[g * G:(g + 1) * G]}
-      if round_index == 0:
-        first_round.append(record)
-      if keep[g]:
-        kept.append(record)
-    if len(kept) >= want:
-      break
-  if len(kept) < want:  # Not enough informative groups: top up with the first round's.
-    kept += [r for r in first_round if not any(r is k for k in kept)][:want - len(kept)]
-  return kept[:want], position, stats
-
-
-def _score_in_minibatches(score_fn, state, batch, size: int, batch_sharding):
-  """The learner's scoring pass, `size` rows at a time (the update's shapes: one more
-  compile at most, and never a whole step's activations at once)."""
-  parts = []
-  rows = len(batch["inputs"])
-  for start in range(0, rows, size):
-    mb = {k: v[start:start + size] for k, v in batch.items()}
-    parts.append(sharding_lib.to_host(score_fn(
-        state, sharding_lib.put_global_batch(mb, batch_sharding))))
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -274,7 +190,8 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           "rl.advantage"))
   rl_cfg = config.rl
   examples = sources.load_examples(config.data, "train")
-  stream = PromptStream(examples, run.tokenizer, config.data.seed, rl_cfg.max_prompt_len)
+  stream = rollouts.PromptStream(examples, run.tokenizer, config.data.seed,
+                                 rl_cfg.max_prompt_len)
   run_folder.save(workdir, config, run.model_cfg, run.tokenizer)
   is_main = jax.process_index() == 0
 
@@ -321,57 +238,21 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   update = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, run.tx, rl_cfg.grad_accum_steps), run.shardings,
       batch_sharding, run.mesh, run.rules)
-  advantage_fn = alg.ADVANTAGES[run.algo.advantage]
-  kl_estimator = alg.KL_ESTIMATORS[run.algo.kl_estimator]
   writer = metric_writer.MetricWriter(workdir, rl_cfg.num_steps, start, enabled=is_main)
 
   def iterate(state, position, step):
     t0 = time.time()
-    groups, position, stats = _sample_groups(run, state, stream, position, step,
-                                             scorer, scfg)
+    groups, position, stats = rollouts.sample_groups(run, state, stream, position, step,
+                                                     scorer, scfg)
     t_sample = time.time() - t0
 
-    prompts, completions, finished, sampler_logp = [], [], [], []
-    for record in groups:
-      for c in record["group"]:
-        prompts.append(record["prompt"])
-        completions.append(c.tokens)
-        finished.append(c.finished)
-        sampler_logp.append(c.logprobs)
-    scores_B = np.concatenate([r["scores"] for r in groups]).astype(np.float32)
-    correct_B = np.concatenate([r["correct"] for r in groups]).astype(np.float32)
-    batch = batching.rollout_batch(prompts, completions, finished, seq_len, tok.eos_id,
-                                   tok.pad_id)
-    scored = _score_in_minibatches(score_fn, state, batch, rl_cfg.minibatch_size,
-                                   batch_sharding)
-    mask = batch["mask"]
-
-    # Sampler vs learner log-probs of the same tokens, at the same temperature (EOS
-    # excluded: the sampler does not report its log-prob).
-    diffs = []
-    for b, (prompt, lp) in enumerate(zip(prompts, sampler_logp)):
-      first = len(prompt) - 1
-      diffs.append(np.max(np.abs(scored["logp"][b, first:first + len(lp)] - lp))
-                   if lp else 0.0)
-    kl_BxT = np.asarray(kl_estimator(scored["logp"], scored["ref_logp"])) * mask
-    last = np.maximum(mask.sum(1).astype(int), 1) + np.array(
-        [len(p) - 2 for p in prompts])
-    token_rewards = np.zeros_like(mask)
-    token_rewards[np.arange(len(prompts)), last] = scores_B
-    if run.algo.kl_coef and run.algo.kl_in_reward:
-      token_rewards = token_rewards - run.algo.kl_coef * kl_BxT
-    values = scored.get("values", np.zeros_like(mask))
-    adv, returns = advantage_fn(alg.AdvantageInputs(scores_B, token_rewards, values, mask),
-                                run.algo)
-    adv, returns = np.asarray(adv, np.float32), (None if returns is None
-                                                 else np.asarray(returns, np.float32))
-    batch.update(old_logp=scored["logp"].astype(np.float32),
-                 ref_logp=scored["ref_logp"].astype(np.float32), advantages=adv)
-    if run.algo.uses_critic:
-      batch.update(returns=returns, old_values=values.astype(np.float32))
+    batch, view = rollouts.learner_batch(groups, state, score_fn, run.algo, seq_len,
+                                         rl_cfg.minibatch_size, tok, batch_sharding)
+    mask, adv = batch["mask"], batch["advantages"]
+    scores_B, kl_BxT = view["scores"], view["kl"]
 
     t1 = time.time()
-    rows = len(prompts)
+    rows = len(mask)
     order_rng = np.random.default_rng([config.seed, step])
     updates: list[dict] = []
     for _ in range(rl_cfg.epochs):
@@ -389,13 +270,13 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metrics = {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}
     metrics["nonfinite"] = float(max(m["nonfinite"] for m in updates))
     metrics.update({
-        "reward": float(scores_B.mean()), "accuracy": float(np.nanmean(correct_B)),
+        "reward": float(scores_B.mean()), "accuracy": float(np.nanmean(view["correct"])),
         "response_length": float(mask.sum(1).mean()),
         "kl_to_reference": float(kl_BxT.sum() / max(mask.sum(), 1)),
-        "entropy": float((scored["entropy"] * mask).sum() / max(mask.sum(), 1)),
+        "entropy": float((view["entropy"] * mask).sum() / max(mask.sum(), 1)),
         "advantage_mean": float(m_adv.mean()), "advantage_std": float(m_adv.std()),
         "advantage_min": float(m_adv.min()), "advantage_max": float(m_adv.max()),
-        "sampler_learner_logp_max_abs_diff": float(np.max(diffs)),
+        "sampler_learner_logp_max_abs_diff": float(np.max(view["logp_gap"])),
         "time_sampling_s": t_sample, "time_learning_s": t_learn,
         "sampling_fraction": t_sample / max(t_sample + t_learn, 1e-9),
         "tokens_per_second": float(batch["segment_ids"].sum()) / max(
@@ -403,7 +284,8 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         **{k: float(v) for k, v in stats.items()},
     })
     if run.algo.uses_critic:
-      metrics["explained_variance"] = alg.explained_variance(values, returns, mask)
+      metrics["explained_variance"] = alg.explained_variance(
+          batch["old_values"], batch["returns"], mask)
     return state, position, metrics
 
   def periodic_eval(state, done):

@@ -1,0 +1,161 @@
+"""Rollouts for RL: the stream of training prompts, sampling and scoring groups of
+completions, and turning them into the learner's minibatch arrays (log-probs, values,
+rewards, advantages). `run.py` drives one RL step through these; search and
+self-improvement stages sample and score the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from o3lite import errors
+from o3lite.data import batching
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.rl import algorithms as alg
+from o3lite.rl import rewards as rewards_lib
+from o3lite.sampling import sampler as sampling
+
+
+class PromptStream:
+  """Training prompts in a seeded order, epoch after epoch; `position` counts prompts
+  taken, so the stream resumes exactly from a checkpoint."""
+
+  def __init__(self, examples, tokenizer, seed: int, max_prompt_len: int):
+    self.examples = examples
+    self.prompts = batching.encode_prompts(examples, tokenizer)
+    if not self.prompts:
+      raise errors.DataError("the RL training split has no examples")
+    longest = max(len(p) for p in self.prompts)
+    if longest > max_prompt_len:
+      raise errors.ConfigError(f"a training prompt has {longest} tokens; "
+                               f"rl.max_prompt_len is {max_prompt_len}")
+    self.seed = seed
+    self._epoch, self._order = -1, None  # The current epoch's permutation, drawn once.
+
+  def take(self, position: int, n: int) -> tuple[list[int], int]:
+    indices = []
+    N = len(self.examples)
+    for p in range(position, position + n):
+      epoch, i = divmod(p, N)
+      if epoch != self._epoch:
+        self._epoch = epoch
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(N)
+      indices.append(int(self._order[i]))
+    return indices, position + n
+
+
+def sample_groups(run, state, stream: PromptStream, position: int, step: int,
+                   scorer: rewards_lib.RewardScorer, scfg: sampling.SamplingConfig):
+  """`prompts_per_step` groups of `group_size` completions of the stream's next prompts,
+  sampled from `state.params["policy"]`, decoded and scored; with dynamic sampling
+  (DAPO) groups whose rewards are all equal are dropped and refilled, up to
+  `max_sampling_rounds`. `run` gives the config, model, tokenizer and mesh. Returns
+  (group records, stream position after them, counts)."""
+  rl_cfg = run.config.rl
+  want, G = rl_cfg.prompts_per_step, rl_cfg.group_size
+  kept: list[dict] = []
+  stats = {"reward_failures": 0, "reward_timeouts": 0, "dropped_groups": 0,
+           "sampling_rounds": 0}
+  first_round: list[dict] = []  # Fallback when too few groups are informative.
+  for round_index in range(max(rl_cfg.max_sampling_rounds, 1)):
+    indices, position = stream.take(position, want)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, step), round_index)
+    prompts = [stream.prompts[i] for i in indices]
+    drawn = sampling.sample(state.params["policy"], prompts, run.model_cfg, scfg, want,
+                            key, run.mesh, run.rules)
+    texts, targets, lengths, groups = [], [], [], []
+    for i, prompt, group in zip(indices, prompts, drawn):
+      for c in group:
+        texts.append(run.tokenizer.decode(c.tokens))
+        targets.append(stream.examples[i]["answer"])
+        lengths.append(len(c.tokens) + int(c.finished))
+      groups.append((prompt, group))
+    scores = scorer.score(texts, targets, lengths, rl_cfg.max_new_tokens + 1)
+    stats["reward_failures"] += scores.failures
+    stats["reward_timeouts"] += scores.timeouts
+    stats["sampling_rounds"] += 1
+    total = np.asarray(scores.total, np.float32)
+    keep = (alg.informative_groups(total, G) if rl_cfg.dynamic_sampling
+            else np.ones(want, bool))
+    stats["dropped_groups"] += int(np.sum(~keep))
+    correct = np.asarray(scores.parts.get("correctness", [np.nan] * len(total)))
+    for g, (prompt, group) in enumerate(groups):
+      record = {"prompt": prompt, "group": group, "scores": total[g * G:(g + 1) * G],
+                "correct": correct[g * G:(g + 1) * G]}
+      if round_index == 0:
+        first_round.append(record)
+      if keep[g]:
+        kept.append(record)
+    if len(kept) >= want:
+      break
+  if len(kept) < want:  # Not enough informative groups: top up with the first round's.
+    kept += [r for r in first_round if not any(r is k for k in kept)][:want - len(kept)]
+  return kept[:want], position, stats
+
+
+def score_in_minibatches(score_fn, state, batch, size: int, batch_sharding):
+  """The learner's scoring pass, `size` rows at a time (the update's shapes: one more
+  compile at most, and never a whole step's activations at once)."""
+  parts = []
+  rows = len(batch["inputs"])
+  for start in range(0, rows, size):
+    mb = {k: v[start:start + size] for k, v in batch.items()}
+    parts.append(sharding_lib.to_host(score_fn(
+        state, sharding_lib.put_global_batch(mb, batch_sharding))))
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def learner_batch(groups: Sequence[dict], state, score_fn, algo: alg.RLAlgoConfig,
+                  seq_len: int, minibatch_size: int, tokenizer, batch_sharding
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The learner's minibatch arrays for sampled groups (see `learner`): rollout rows,
+  the learner's log-probs (old and reference) and values, per-token rewards (the score
+  on the last completion token, minus the KL penalty where `kl_in_reward`), advantages
+  and returns. Also returns what the step logs: scores, correctness, per-token KL,
+  entropy and the sampler / learner log-prob gap of each row."""
+  advantage_fn = alg.ADVANTAGES[algo.advantage]
+  kl_estimator = alg.KL_ESTIMATORS[algo.kl_estimator]
+  prompts, completions, finished, sampler_logp = [], [], [], []
+  for record in groups:
+    for c in record["group"]:
+      prompts.append(record["prompt"])
+      completions.append(c.tokens)
+      finished.append(c.finished)
+      sampler_logp.append(c.logprobs)
+  scores_B = np.concatenate([r["scores"] for r in groups]).astype(np.float32)
+  correct_B = np.concatenate([r["correct"] for r in groups]).astype(np.float32)
+  batch = batching.rollout_batch(prompts, completions, finished, seq_len,
+                                 tokenizer.eos_id, tokenizer.pad_id)
+  scored = score_in_minibatches(score_fn, state, batch, minibatch_size,
+                                batch_sharding)
+  mask = batch["mask"]
+
+  # Sampler vs learner log-probs of the same tokens, at the same temperature (EOS
+  # excluded: the sampler does not report its log-prob).
+  diffs = []
+  for b, (prompt, lp) in enumerate(zip(prompts, sampler_logp)):
+    first = len(prompt) - 1
+    diffs.append(np.max(np.abs(scored["logp"][b, first:first + len(lp)] - lp))
+                 if lp else 0.0)
+  kl_BxT = np.asarray(kl_estimator(scored["logp"], scored["ref_logp"])) * mask
+  last = np.maximum(mask.sum(1).astype(int), 1) + np.array(
+      [len(p) - 2 for p in prompts])
+  token_rewards = np.zeros_like(mask)
+  token_rewards[np.arange(len(prompts)), last] = scores_B
+  if algo.kl_coef and algo.kl_in_reward:
+    token_rewards = token_rewards - algo.kl_coef * kl_BxT
+  values = scored.get("values", np.zeros_like(mask))
+  adv, returns = advantage_fn(alg.AdvantageInputs(scores_B, token_rewards, values, mask),
+                              algo)
+  adv, returns = np.asarray(adv, np.float32), (None if returns is None
+                                               else np.asarray(returns, np.float32))
+  batch.update(old_logp=scored["logp"].astype(np.float32),
+               ref_logp=scored["ref_logp"].astype(np.float32), advantages=adv)
+  if algo.uses_critic:
+    batch.update(returns=returns, old_values=values.astype(np.float32))
+  view = {"scores": scores_B, "correct": correct_B, "kl": kl_BxT,
+          "entropy": scored["entropy"], "logp_gap": np.asarray(diffs, np.float32)}
+  return batch, view
