@@ -14,7 +14,7 @@ Cases (batch of random prompts, all `--prompt_len` long, no padding):
 
 o3lite's parameters are random (`model.init_params`, unboxed); `hf.params_to_hf` turns
 them into the state dict of a `transformers.LlamaForCausalLM` built from
-`hf.hf_config_from_model_config` (fp32, sdpa attention, eval, `torch.inference_mode`,
+`hf_config.hf_config_from_model_config` (fp32, sdpa attention, eval, `torch.inference_mode`,
 `torch.set_num_threads(os.cpu_count())`). Both sides decode greedily exactly
 `--new_tokens` tokens per row with no EOS: o3lite gets `eos_id=-1` (outside the
 vocabulary: argmax never picks it), transformers `eos_token_id=None` with
@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from o3lite.interop import hf_config
 from o3lite.interop import huggingface as hf
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import sampler as sampling
@@ -209,7 +210,7 @@ def roofline(cfg: model_lib.ModelConfig, num_params: int, B: int, P: int, new: i
 
 def hf_model(torch, transformers, cfg: model_lib.ModelConfig, params, max_len: int):
   """A transformers LlamaForCausalLM holding exactly `params`."""
-  config = hf.hf_config_from_model_config(cfg, eos_id=None, pad_id=0,
+  config = hf_config.hf_config_from_model_config(cfg, eos_id=None, pad_id=0,
                                           max_position_embeddings=max_len)
   config = transformers.LlamaConfig.from_dict(config, attn_implementation="sdpa")
   model = transformers.LlamaForCausalLM(config).float().eval()

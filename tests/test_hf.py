@@ -22,8 +22,10 @@ import transformers
 from o3lite import errors
 from o3lite import export as export_lib
 from o3lite.data import formatting
+from o3lite.interop import hf_config
 from o3lite.interop import huggingface as hf
 from o3lite.interop import hf_tokenizer_files as hf_tokenizer
+from o3lite.interop import safetensors_io
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import sampler as sampling
 from o3lite.parallel import mesh as sharding_lib
@@ -132,7 +134,7 @@ def test_import_then_export_gives_identical_tensors(case, tmp_path, sp_tokenizer
   cfg, params = hf.load_hf_checkpoint(str(tmp_path / "hf"))
   out = tmp_path / "export"
   hf.export(params, cfg, sp_tokenizer, str(out), max_shard_bytes=30_000)  # Sharded.
-  with open(out / hf.WEIGHTS_INDEX_FILE) as f:
+  with open(out / safetensors_io.WEIGHTS_INDEX_FILE) as f:
     weight_map = json.load(f)["weight_map"]
   assert len(set(weight_map.values())) > 1
   exported = {}
@@ -146,7 +148,7 @@ def test_import_then_export_gives_identical_tensors(case, tmp_path, sp_tokenizer
     assert exported[name].dtype == np.float32
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
   with open(out / "config.json") as f:
-    assert hf.model_config_from_hf(json.load(f)) == cfg
+    assert hf_config.model_config_from_hf(json.load(f)) == cfg
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out),
                                                                attn_implementation="eager")
   assert type(reloaded) is type(model)
@@ -157,10 +159,10 @@ def test_import_then_export_gives_identical_tensors(case, tmp_path, sp_tokenizer
 def test_sharded_checkpoint_placed_on_mesh(tmp_path):
   model = _hf_model("llama_gqa_untied", seed=1)
   model.save_pretrained(tmp_path, max_shard_size="20KB")
-  assert os.path.exists(tmp_path / hf.WEIGHTS_INDEX_FILE)
+  assert os.path.exists(tmp_path / safetensors_io.WEIGHTS_INDEX_FILE)
   mesh = sharding_lib.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
   with open(tmp_path / "config.json") as f:
-    cfg = hf.model_config_from_hf(json.load(f))
+    cfg = hf_config.model_config_from_hf(json.load(f))
   shardings = train_state.policy_spec(cfg, optax.sgd(0.1), mesh,
                                       sharding_lib.DEFAULT_RULES).shardings.params["policy"]
   _, params = hf.load_hf_checkpoint(str(tmp_path), shardings=shardings)
@@ -320,11 +322,11 @@ def _config_dict(**changes):
 ])
 def test_unsupported_configs(changes, message):
   with pytest.raises(errors.O3liteError, match=message.replace("(", r"\(")):
-    hf.model_config_from_hf(_config_dict(**changes))
+    hf_config.model_config_from_hf(_config_dict(**changes))
 
 
 def test_config_fields_and_transformers4_keys():
-  cfg = hf.model_config_from_hf(_config_dict(
+  cfg = hf_config.model_config_from_hf(_config_dict(
       rope_theta=1234.0, rope_scaling={"rope_type": "llama3", "factor": 4.0,
                                        "low_freq_factor": 2.0, "high_freq_factor": 8.0,
                                        "original_max_position_embeddings": 512}))
@@ -332,10 +334,10 @@ def test_config_fields_and_transformers4_keys():
           cfg.rope_high_freq_factor, cfg.rope_original_max_len) == (1234.0, 4.0, 2.0, 8.0,
                                                                     512)
   assert (cfg.head_dim, cfg.qkv_bias, cfg.tie_embeddings) == (8, False, False)
-  config = hf.hf_config_from_model_config(cfg, eos_id=2, pad_id=0)
-  assert hf.model_config_from_hf(config) == cfg
+  config = hf_config.hf_config_from_model_config(cfg, eos_id=2, pad_id=0)
+  assert hf_config.model_config_from_hf(config) == cfg
   with pytest.raises(errors.O3liteError, match="qkv_bias=True"):
-    hf.hf_config_from_model_config(dataclasses.replace(cfg, qkv_bias=True), eos_id=2,
+    hf_config.hf_config_from_model_config(dataclasses.replace(cfg, qkv_bias=True), eos_id=2,
                                    pad_id=0, arch="llama")
 
 
@@ -347,7 +349,7 @@ def test_bad_checkpoints(tmp_path):
   with pytest.raises(errors.O3liteError, match="GPT2LMHeadModel"):
     hf.load_hf_checkpoint(str(tmp_path))
   model = _hf_model("llama_gqa_untied")
-  cfg = hf.model_config_from_hf(model.config.to_dict())
+  cfg = hf_config.model_config_from_hf(model.config.to_dict())
   good = {k: v.numpy() for k, v in model.state_dict().items()}
   name = "model.layers.0.self_attn.q_proj.weight"
   with pytest.raises(errors.O3liteError, match=rf"{name} has shape \(32, 31\).*expected \(32, 32\)"):
@@ -456,7 +458,7 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
   # anything is built (not as a tokenizer problem).
   no_weights = tmp_path / "no_weights"
   shutil.copytree(out, no_weights)
-  os.remove(no_weights / hf.WEIGHTS_FILE)
+  os.remove(no_weights / safetensors_io.WEIGHTS_FILE)
   config.train.init_from_hf = str(no_weights)
   with pytest.raises(errors.CheckpointError, match=r"has no weights: no model\.safetensors"):
     trainer.run_sft(config, str(tmp_path / "no_weights_run"))
@@ -464,7 +466,7 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
   # A folder with weights but no tokenizer: a tokenizer problem, one line.
   no_tokenizer = tmp_path / "no_tokenizer"
   no_tokenizer.mkdir()
-  for name in (hf.CONFIG_FILE, hf.WEIGHTS_FILE):
+  for name in (hf.CONFIG_FILE, safetensors_io.WEIGHTS_FILE):
     shutil.copy(os.path.join(out, name), no_tokenizer / name)
   config.train.init_from_hf = str(no_tokenizer)
   with pytest.raises(errors.DataError, match="no Hugging Face tokenizer could be loaded"):

@@ -4,7 +4,7 @@
   hf.export(params, cfg, tokenizer, "out/")  # AutoModelForCausalLM.from_pretrained("out/")
 
 Checkpoints are local folders: `config.json` and `model.safetensors` (or the shards of
-`model.safetensors.index.json`); nothing is downloaded. Our parameters map one to one to
+`model.safetensors.index.json`; the files: `safetensors_io.py`); nothing is downloaded. Our parameters map one to one to
 the transformers state dict of `LlamaForCausalLM` / `Qwen2ForCausalLM` (both use the
 rotate-half RoPE convention, so q / k need no permutation):
 
@@ -27,176 +27,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
-import safetensors.numpy
 
 from o3lite import errors
+from o3lite.interop import hf_config
 from o3lite.interop import hf_tokenizer_files as hf_tokenizer
+from o3lite.interop import safetensors_io
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-_SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"),
-                       "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16)}
-
-
-# ---------------------------------------------------------------------------------------
-# Configs.
-
-
-def _require(hf_config: Mapping[str, Any], key: str) -> Any:
-  if hf_config.get(key) is None:
-    raise errors.CheckpointError(f"config.json has no {key!r}")
-  return hf_config[key]
-
-
-def _model_type(hf_config: Mapping[str, Any]) -> str:
-  archs = hf_config.get("architectures") or []
-  by_arch = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
-  if archs:
-    if len(archs) != 1 or archs[0] not in by_arch:
-      raise errors.CheckpointError(f"architectures={archs} is not supported; expected one of "
-                                   f"{sorted(by_arch)}")
-    return by_arch[archs[0]]
-  model_type = hf_config.get("model_type")
-  if model_type not in ARCHITECTURES:
-    raise errors.CheckpointError(f"model_type={model_type!r} is not supported; expected one of "
-                                 f"{sorted(ARCHITECTURES)}")
-  return model_type
-
-
-def _rope_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-  """Our RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` +
-  `rope_scaling` (transformers 4)."""
-  rope = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
-  theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  fields = {"rope_theta": float(theta)}
-  if rope_type == "default":
-    return fields
-  if rope_type != "llama3":
-    raise errors.CheckpointError(f"rope_type={rope_type!r} (rope_parameters / rope_scaling) is not "
-                                 "supported; expected 'default' or 'llama3'")
-  keys = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
-          "rope_high_freq_factor": "high_freq_factor",
-          "rope_original_max_len": "original_max_position_embeddings"}
-  for ours, theirs in keys.items():
-    if rope.get(theirs) is None:
-      raise errors.CheckpointError(f"rope_type='llama3' needs {theirs!r} in rope_parameters")
-    fields[ours] = rope[theirs]
-  fields["rope_original_max_len"] = int(fields["rope_original_max_len"])
-  return fields
-
-
-def model_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> model_lib.ModelConfig:
-  """The ModelConfig of a transformers `config.json` (Llama or Qwen2).
-
-  `overrides` replace fields of the result, e.g. `dtype="bfloat16"` or `remat=True`.
-
-  Raises:
-    ValueError: an unsupported architecture or feature, naming the config field.
-  """
-  model_type = _model_type(hf_config)
-  if hf_config.get("hidden_act", "silu") != "silu":
-    raise errors.CheckpointError(f"hidden_act={hf_config['hidden_act']!r} is not supported; "
-                                 "expected 'silu'")
-  if hf_config.get("mlp_bias"):
-    raise errors.CheckpointError("mlp_bias=true is not supported: our MLP has no biases")
-  if model_type == "llama" and hf_config.get("attention_bias"):
-    raise errors.CheckpointError(
-        "attention_bias=true is not supported: a Llama with attention bias "
-        "also has an o_proj bias, which our attention lacks")
-  if model_type == "qwen2":
-    if hf_config.get("use_sliding_window"):
-      raise errors.CheckpointError("use_sliding_window=true is not supported: our attention is "
-                                   "full causal attention")
-    layer_types = hf_config.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-      raise errors.CheckpointError(f"layer_types={layer_types} is not supported: every layer must "
-                                   "be 'full_attention'")
-  hidden = _require(hf_config, "hidden_size")
-  num_heads = _require(hf_config, "num_attention_heads")
-  fields = dict(
-      vocab_size=_require(hf_config, "vocab_size"),
-      num_layers=_require(hf_config, "num_hidden_layers"),
-      embed_dim=hidden,
-      num_heads=num_heads,
-      num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
-      head_dim=hf_config.get("head_dim") or hidden // num_heads,
-      mlp_dim=_require(hf_config, "intermediate_size"),
-      norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-      qkv_bias=model_type == "qwen2",
-      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-      **_rope_fields(hf_config),
-  )
-  return model_lib.ModelConfig(**{**fields, **overrides})
-
-
-def hf_config_from_model_config(cfg: model_lib.ModelConfig, *, eos_id: int, pad_id: int,
-                                bos_id: int | None = None, arch: str | None = None,
-                                max_position_embeddings: int = 4096) -> dict[str, Any]:
-  """A transformers `config.json` (as a dict) for our model.
-
-  `arch` is "llama" or "qwen2"; by default Qwen2 when `cfg.qkv_bias`, else Llama (a
-  Llama with attention bias would also need an o_proj bias). RoPE is written both as
-  `rope_parameters` (transformers 5) and as `rope_theta` / `rope_scaling` (4).
-  """
-  arch = arch or ("qwen2" if cfg.qkv_bias else "llama")
-  if arch not in ARCHITECTURES:
-    raise errors.ConfigError(f"arch={arch!r}: expected one of {sorted(ARCHITECTURES)}")
-  if arch == "llama" and cfg.qkv_bias:
-    raise errors.ConfigError("arch='llama' cannot hold qkv_bias=True (Llama's attention_bias "
-                             "also adds an o_proj bias); use arch='qwen2'")
-  if arch == "qwen2" and not cfg.qkv_bias:
-    raise errors.ConfigError("arch='qwen2' needs qkv_bias=True: Qwen2 always has q/k/v biases")
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling_factor != 1.0:
-    rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
-                low_freq_factor=cfg.rope_low_freq_factor,
-                high_freq_factor=cfg.rope_high_freq_factor,
-                original_max_position_embeddings=cfg.rope_original_max_len)
-  config = {
-      "architectures": [ARCHITECTURES[arch]],
-      "model_type": arch,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.embed_dim,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": max_position_embeddings,
-      "rms_norm_eps": cfg.norm_eps,
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "rope_parameters": rope,
-      "rope_theta": cfg.rope_theta,
-      "rope_scaling": ({k: v for k, v in rope.items() if k != "rope_theta"}
-                       if rope["rope_type"] != "default" else None),
-      "attention_dropout": 0.0,
-      "initializer_range": 0.02,
-      "use_cache": True,
-      "bos_token_id": bos_id,
-      "eos_token_id": eos_id,
-      "pad_token_id": pad_id,
-      "dtype": "float32",
-      "torch_dtype": "float32",
-  }
-  if arch == "llama":
-    config.update(attention_bias=False, mlp_bias=False)
-  else:
-    config.update(use_sliding_window=False, sliding_window=None)
-  return config
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,20 +126,12 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict[str, Any]:
   return tree
 
 
-def _check_names(have: set, want: set, what: str) -> None:
-  missing, unexpected = sorted(want - have), sorted(have - want)
-  for problem, names in (("missing", missing), ("unexpected", unexpected)):
-    if names:
-      shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
-      raise errors.CheckpointError(f"{len(names)} {problem} {what}: {shown}")
-
-
 def params_to_hf(params: Mapping[str, Any], cfg: model_lib.ModelConfig
                  ) -> dict[str, np.ndarray]:
   """Our (unboxed) parameters as a transformers state dict of fp32 numpy arrays."""
   flat = _flatten(nn.unbox(params))
   layout = _layout(cfg)
-  _check_names(set(flat), {t.path for t in layout}, "parameters")
+  safetensors_io.check_names(set(flat), {t.path for t in layout}, "parameters")
   tensors = {}
   for t in layout:
     x = np.asarray(jax.device_get(flat[t.path]), np.float32)
@@ -342,7 +179,7 @@ def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConf
                      trained_rows: int = 0) -> dict[str, Any]:
   layout = _layout(cfg)
   names = {name for name in tensors if not _is_ignored(name, cfg)}
-  _check_names(names, {t.name for t in layout}, "tensors in the checkpoint")
+  safetensors_io.check_names(names, {t.name for t in layout}, "tensors in the checkpoint")
   flat = {}
   for t in layout:  # One tensor at a time: read, convert, place, let go.
     x = tensors[t.name]
@@ -379,56 +216,19 @@ def param_shardings(cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
 # Files.
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Memory-mapped arrays of a .safetensors file (read lazily; bf16 via ml_dtypes,
-  which `safetensors.numpy` cannot load)."""
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-  header.pop("__metadata__", None)
-  data = np.memmap(path, np.uint8, mode="r", offset=8 + header_len) if header else None
-  arrays = {}
-  for name, info in header.items():
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-    if dtype is None:
-      raise errors.CheckpointError(
-          f"tensor {name} in {path} has dtype {info['dtype']}; expected one "
-          f"of {sorted(_SAFETENSORS_DTYPES)}")
-    start, end = info["data_offsets"]
-    arrays[name] = data[start:end].view(dtype).reshape(info["shape"])
-  return arrays
-
-
-def _read_weights(directory: str) -> dict[str, np.ndarray]:
-  index_file = os.path.join(directory, WEIGHTS_INDEX_FILE)
-  if os.path.isfile(index_file):
-    with open(index_file) as f:
-      weight_map = json.load(f)["weight_map"]
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-      tensors.update(_read_safetensors(os.path.join(directory, shard)))
-    _check_names(set(tensors), set(weight_map), f"tensors in the shards of {index_file}")
-    return tensors
-  weights_file = os.path.join(directory, WEIGHTS_FILE)
-  if not os.path.isfile(weights_file):
-    raise errors.CheckpointError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {directory} "
-                                 "(only safetensors checkpoints are supported)")
-  return _read_safetensors(weights_file)
+def _require_config(path: str, what: str) -> None:
+  if not os.path.isdir(path):
+    raise errors.CheckpointError(f"{what} folder not found: {path}")
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    raise errors.CheckpointError(f"{what} {path} has no {CONFIG_FILE}")
 
 
 def check_folder(path: str, what: str = "Hugging Face checkpoint") -> None:
   """A one-line CheckpointError unless `path` is a folder with config.json and
   safetensors weights (checked before its tokenizer is read, so a folder without
   weights is reported as that, not as a tokenizer problem)."""
-  if not os.path.isdir(path):
-    raise errors.CheckpointError(f"{what} folder not found: {path}")
-  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-    raise errors.CheckpointError(f"{what} {path} has no {CONFIG_FILE}")
-  if not any(os.path.isfile(os.path.join(path, name))
-             for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)):
-    raise errors.CheckpointError(
-        f"{what} {path} has no weights: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} "
-        "(only safetensors checkpoints are supported)")
+  _require_config(path, what)
+  safetensors_io.require_weights(path, what)
 
 
 def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
@@ -442,7 +242,7 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   one tensor at a time and no device ever holds a full copy of a sharded parameter.
   Placement: `shardings` (a NamedSharding tree of the params, e.g.
   `sft.Run.state_shardings.params["policy"]`), else the shardings `rules` give on `mesh`, else
-  the default device. `overrides` go to `model_config_from_hf` (e.g. dtype="bfloat16").
+  the default device. `overrides` go to `hf_config.model_config_from_hf` (e.g. dtype="bfloat16").
   The tokenizer of the folder: `o3lite.data.tokenizers.HFTokenizer(path)`; it may add the think
   delimiters as new tokens, so `min_vocab_size=len(tokenizer)` grows the embedding (and
   an untied output matrix) to fit them, new rows set to the mean row. Pass that
@@ -451,16 +251,12 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   already and did not grow.
 
   Raises:
-    FileNotFoundError: no such folder, or no config.json / safetensors weights in it.
-    ValueError: unsupported config, or tensors that do not fit it.
+    CheckpointError: no such folder, no config.json or safetensors weights in it, an
+      unsupported config, or tensors that do not fit it.
   """
-  if not os.path.isdir(path):
-    raise errors.CheckpointError(f"Hugging Face checkpoint folder not found: {path}")
-  config_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise errors.CheckpointError(f"no {CONFIG_FILE} in {path}")
-  with open(config_file) as f:
-    cfg = model_config_from_hf(json.load(f), **overrides)
+  _require_config(path, "Hugging Face checkpoint")  # The weights: once the config fits.
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    cfg = hf_config.model_config_from_hf(json.load(f), **overrides)
   grow_from = None
   if cfg.vocab_size < min_vocab_size:
     grow_from = cfg.vocab_size
@@ -471,47 +267,14 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
     place = lambda path, x: jax.device_put(x)
   else:
     flat_shardings = _flatten(shardings)
-    _check_names(set(flat_shardings), {t.path for t in _layout(cfg)}, "shardings")
+    safetensors_io.check_names(set(flat_shardings), {t.path for t in _layout(cfg)}, "shardings")
 
     def place(path, x):  # Each device gets only its slice.
       return jax.make_array_from_callback(x.shape, flat_shardings[path], lambda i: x[i])
   new_ids = list(getattr(tokenizer, "added_ids", ()))
   trained_rows = getattr(tokenizer, "base_size", 0)
-  return cfg, _convert_from_hf(_read_weights(path), cfg, place, grow_from, new_ids,
+  return cfg, _convert_from_hf(safetensors_io.read(path), cfg, place, grow_from, new_ids,
                                trained_rows)
-
-
-def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int
-            ) -> Iterator[dict[str, np.ndarray]]:
-  shard, size = {}, 0
-  for name, x in tensors.items():
-    if shard and size + x.nbytes > max_shard_bytes:
-      yield shard
-      shard, size = {}, 0
-    shard[name] = x
-    size += x.nbytes
-  yield shard
-
-
-def _write_weights(tensors: Mapping[str, np.ndarray], out_dir: str,
-                   max_shard_bytes: int) -> None:
-  for name in os.listdir(out_dir):  # Stale weights of an earlier export.
-    if name == WEIGHTS_INDEX_FILE or (name.startswith("model")
-                                      and name.endswith(".safetensors")):
-      os.remove(os.path.join(out_dir, name))
-  metadata = {"format": "pt"}  # transformers refuses files without it.
-  shards = list(_shards(tensors, max_shard_bytes))
-  if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(out_dir, WEIGHTS_FILE), metadata)
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file(shard, os.path.join(out_dir, file), metadata)
-    weight_map.update(dict.fromkeys(shard, file))
-  total = sum(x.nbytes for x in tensors.values())
-  _write_json(os.path.join(out_dir, WEIGHTS_INDEX_FILE),
-              {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -531,11 +294,11 @@ def export(params: Mapping[str, Any], cfg: model_lib.ModelConfig, tokenizer: Any
     raise errors.ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} tokens")
   bos_id = getattr(tokenizer, "bos_id", None)  # Our tokenizers add no BOS.
-  config = hf_config_from_model_config(cfg, eos_id=tokenizer.eos_id,
+  config = hf_config.hf_config_from_model_config(cfg, eos_id=tokenizer.eos_id,
                                        pad_id=tokenizer.pad_id, bos_id=bos_id, arch=arch)
   tensors = params_to_hf(params, cfg)
   os.makedirs(out_dir, exist_ok=True)
-  _write_weights(tensors, out_dir, max_shard_bytes)
+  safetensors_io.write(tensors, out_dir, max_shard_bytes)
   _write_json(os.path.join(out_dir, CONFIG_FILE), config)
   generation = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
                 "do_sample": False}

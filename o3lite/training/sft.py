@@ -27,6 +27,7 @@ from o3lite.data import sources
 from o3lite.data import tasks
 from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.evaluation import heldout
+from o3lite.interop import hf_config
 from o3lite.interop import huggingface as hf
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
@@ -58,7 +59,7 @@ def hf_model_config(path: str, model_fields, vocab_size: int) -> model_lib.Model
   if not os.path.isfile(config_file):
     raise errors.CheckpointError(f"{path}: no {hf.CONFIG_FILE} there")
   with open(config_file) as f:
-    cfg = hf.model_config_from_hf(json.load(f), dtype=model_fields.dtype,
+    cfg = hf_config.model_config_from_hf(json.load(f), dtype=model_fields.dtype,
                                   remat=model_fields.remat)
   return dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
 
