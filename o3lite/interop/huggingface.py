@@ -3,9 +3,9 @@
   cfg, params = hf.load_hf_checkpoint("models/Qwen2.5-0.5B", mesh=run.mesh)
   hf.export(params, cfg, tokenizer, "out/")  # AutoModelForCausalLM.from_pretrained("out/")
 
-Checkpoints are local folders: `config.json` and `model.safetensors` (or the shards of
-`model.safetensors.index.json`; the files: `safetensors_io.py`); nothing is downloaded. Our parameters map one to one to
-the transformers state dict of `LlamaForCausalLM` / `Qwen2ForCausalLM` (both use the
+Checkpoints are local folders: `config.json` (`hf_config.py`) and `model.safetensors` or
+the shards of `model.safetensors.index.json` (`safetensors_io.py`); nothing is
+downloaded. Our parameters map one to one to the transformers state dict of `LlamaForCausalLM` / `Qwen2ForCausalLM` (both use the
 rotate-half RoPE convention, so q / k need no permutation):
 
   ours (layer i under params["layer_{i}"])   transformers (under "model.layers.{i}.")
