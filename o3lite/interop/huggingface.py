@@ -5,8 +5,9 @@
 
 Checkpoints are local folders: `config.json` (`hf_config.py`) and `model.safetensors` or
 the shards of `model.safetensors.index.json` (`safetensors_io.py`); nothing is
-downloaded. Our parameters map one to one to the transformers state dict of `LlamaForCausalLM` / `Qwen2ForCausalLM` (both use the
-rotate-half RoPE convention, so q / k need no permutation):
+downloaded. Our parameters map one to one to the transformers state dict of
+`LlamaForCausalLM` / `Qwen2ForCausalLM` (both use the rotate-half RoPE convention, so
+q / k need no permutation):
 
   ours (layer i under params["layer_{i}"])   transformers (under "model.layers.{i}.")
   attn_norm.scale [D]                        input_layernorm.weight [D]
