@@ -77,16 +77,17 @@ def fit(state: Any, iterate: Callable[[Any, int, int], tuple[Any, int, dict]],
   def flush(item) -> None:
     nonlocal nonfinite_run, nonfinite_total
     done, metrics, extra, logged = item
-    values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    bad = values.get("nonfinite", 0.0) > 0
+    # Off the log interval only the non-finite flag leaves the device.
+    bad = float(np.asarray(jax.device_get(metrics.get("nonfinite", 0.0)))) > 0
     nonfinite_run = nonfinite_run + 1 if bad else 0
     nonfinite_total += int(bad)
     if logged or bad:
+      values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
       values.update(extra)
       values["nonfinite_steps"] = float(nonfinite_total)
       writer.write(done, values)
-    if done % loop.log_every == 0 or done == loop.num_steps:
-      writer.progress(done, {k: values[k] for k in loop.shown if k in values})
+      if done % loop.log_every == 0 or done == loop.num_steps:
+        writer.progress(done, {k: values[k] for k in loop.shown if k in values})
     if bad:
       print(f"step {done}: non-finite loss or gradient; update skipped "
             f"({nonfinite_run} in a row)", flush=True)
