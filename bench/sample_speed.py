@@ -70,6 +70,7 @@ from bench import common
 from o3lite.interop import hf_config
 from o3lite.interop import huggingface as hf
 from o3lite.model import transformer as model_lib
+from o3lite.sampling import decoding
 from o3lite.sampling import sampler as sampling
 
 MODELS = {
@@ -238,19 +239,19 @@ def o3lite_runner(params, cfg, prompt_BxP: np.ndarray, new: int, compile_s: dict
   rng = jax.random.PRNGKey(0)
 
   def prefill():
-    jax.block_until_ready(sampling.prefill(params, prompt, lengths, rng, cfg, scfg))
+    jax.block_until_ready(decoding.prefill(params, prompt, lengths, rng, cfg, scfg))
 
   def generate():
-    state = sampling.prefill(params, prompt, lengths, rng, cfg, scfg)
-    state = sampling.decode(params, state, cfg, scfg)
+    state = decoding.prefill(params, prompt, lengths, rng, cfg, scfg)
+    state = decoding.decode(params, state, cfg, scfg)
     return np.asarray(state.tokens_BxN)
 
   def warmup():
     start = time.perf_counter()
-    sampling.prefill.lower(params, prompt, lengths, rng, cfg, scfg).compile()
-    state = jax.eval_shape(lambda: sampling.prefill(params, prompt, lengths, rng, cfg, scfg))
+    decoding.prefill.lower(params, prompt, lengths, rng, cfg, scfg).compile()
+    state = jax.eval_shape(lambda: decoding.prefill(params, prompt, lengths, rng, cfg, scfg))
     with sampling.grown_cache_donation_expected():
-      sampling.decode.lower(params, state, cfg, scfg).compile()
+      decoding.decode.lower(params, state, cfg, scfg).compile()
     compile_s["seconds"] = time.perf_counter() - start
     generate()
 

@@ -10,6 +10,7 @@ import pytest
 
 from o3lite import errors
 from o3lite.model import transformer as model_lib
+from o3lite.sampling import decoding
 from o3lite.sampling import sampler as sampling
 
 V, EOS = 37, 2
@@ -63,9 +64,9 @@ def test_generation_stops_at_eos_and_caps_length():
   p_u = nn.unbox(model_lib.init_params(cfg_u, jax.random.key(1)))
   p_u["lm_head"] = jnp.zeros_like(p_u["lm_head"])
   eos0 = sampling.SamplingConfig(max_new_tokens=5, eos_id=0, pad_id=1)
-  state = sampling.prefill(p_u, jnp.array([[5, 6, 1, 1], [7, 1, 1, 1]]), jnp.array([2, 1]),
+  state = decoding.prefill(p_u, jnp.array([[5, 6, 1, 1], [7, 1, 1, 1]]), jnp.array([2, 1]),
                            jax.random.PRNGKey(0), cfg_u, eos0)
-  state = sampling.decode(p_u, state, cfg_u, eos0)
+  state = decoding.decode(p_u, state, cfg_u, eos0)
   assert int(state.step) == 1 and bool(state.done_B.all())
   assert sampling.generate(p_u, [[5, 6]], cfg_u, eos0, batch_size=1) == [[]]
 
@@ -133,10 +134,10 @@ def test_sample_frequencies_match_the_softmax():
 def test_top_p_keeps_the_nucleus_only():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.8)
-  kept = np.asarray(sampling._filter_logits(logits, scfg)[0] > -1e29)
+  kept = np.asarray(decoding._filter_logits(logits, scfg)[0] > -1e29)
   assert kept.tolist() == [True, True, False, False]
   scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.81)
-  kept = np.asarray(sampling._filter_logits(logits, scfg)[0] > -1e29)
+  kept = np.asarray(decoding._filter_logits(logits, scfg)[0] > -1e29)
   assert kept.tolist() == [True, True, True, False]
 
 
@@ -184,16 +185,39 @@ def test_thinking_budget_forces_the_end_of_thinking():
     assert len(s.tokens) > 5  # The answer follows the forced </think>.
 
 
+def _choose(logits_1xV, think_len, thinking, scfg, wait_pos=-1):
+  """The token (and its log-prob) `decode` picks from these logits in this state."""
+  state = decoding.SamplingState(
+      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0),
+      last_token_B=jnp.zeros((1,), jnp.int32), tokens_BxN=jnp.zeros((1, 4), jnp.int32),
+      logprobs_BxN=jnp.zeros((1, 4)), num_new_B=jnp.zeros((1,), jnp.int32),
+      done_B=jnp.zeros((1,), bool), stop_B=jnp.full((1,), -1, jnp.int32),
+      thinking_B=jnp.array([thinking]), think_len_B=jnp.array([think_len], jnp.int32),
+      wait_pos_B=jnp.array([wait_pos], jnp.int32), tail_BxL=jnp.full((1, 1), -1, jnp.int32),
+      cache=None)
+  out = decoding._advance(state, logits_1xV, jnp.ones((1,), bool), scfg)
+  return int(out.last_token_B[0]), float(out.logprobs_BxN[0, 0]), int(out.wait_pos_B[0])
+
+
 def test_min_think_suppresses_an_early_end_of_thinking():
   scfg = sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, think_end_id=3, min_think=4)
   # The model prefers </think> (3), then EOS, then token 5.
   logits = jnp.zeros((1, V)).at[0, 3].set(5.0).at[0, EOS].set(4.0).at[0, 5].set(1.0)
-  choose = lambda step, thinking: int(sampling._choose(
-      logits, jnp.array(step), jax.random.PRNGKey(0), jnp.array([thinking]), scfg)[0][0])
-  assert choose(2, True) == 5  # Too early: </think> and EOS are banned.
-  assert choose(4, True) == 3  # Enough thinking.
-  assert choose(2, False) == 3  # Already answering: nothing to suppress.
-  _, logprob = sampling._choose(logits, jnp.array(2), jax.random.PRNGKey(0),
-                                jnp.array([True]), scfg)
+  assert _choose(logits, 2, True, scfg)[0] == 5  # Too early: </think> and EOS are banned.
+  assert _choose(logits, 4, True, scfg)[0] == 3  # Enough thinking.
+  assert _choose(logits, 2, False, scfg)[0] == 3  # Already answering: nothing to suppress.
   # The log-probability is the model's own, not the suppressed distribution's.
-  np.testing.assert_allclose(logprob, jax.nn.log_softmax(logits)[0, 5], atol=1e-6)
+  np.testing.assert_allclose(_choose(logits, 2, True, scfg)[1],
+                             jax.nn.log_softmax(logits)[0, 5], atol=1e-6)
+
+
+def test_wait_replaces_an_early_end_of_thinking():
+  """s1's "Wait": an early </think> becomes the wait tokens, forced one per step."""
+  scfg = sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, think_end_id=3, min_think=4,
+                                 wait_ids=(20, 21))
+  logits = jnp.zeros((1, V)).at[0, 3].set(5.0).at[0, 5].set(1.0)
+  assert _choose(logits, 2, True, scfg)[::2] == (20, 1)  # Early: "Wait" begins.
+  assert _choose(logits, 3, True, scfg, wait_pos=1)[::2] == (21, -1)  # ... and ends.
+  assert _choose(logits, 4, True, scfg)[::2] == (3, -1)  # Enough thinking: </think>.
+  with pytest.raises(errors.ConfigError, match="min_think"):
+    sampling.SamplingConfig(max_new_tokens=8, eos_id=EOS, think_end_id=3, wait_ids=(20,))

@@ -10,7 +10,7 @@ XLA:CPU runs faster, with the same values (`ModelConfig.kernels`).
 The KV cache is an explicit pytree passed in and returned (never module state):
 
   cache = {
-    "index": int32 scalar,                 # next slot to write, shared by the batch
+    "end_index": int32[B],                 # each row's next slot to write (gemma's end_index)
     "segment_ids": int32[B, S],            # 0 = empty slot, else the token's segment id
     "layers": [{"k": [B, K, S, H], "v": [B, K, S, H]}, ...],  # head-major
   }
@@ -19,6 +19,10 @@ One attention path serves training (no cache: keys are the T input tokens, with 
 segments) and cached prefill / decode (keys are the S cache slots). A query at slot q may
 attend to key slot s iff s <= q and both carry the same non-zero segment id. Positions are
 given by the caller, so right-padded prompts of different lengths keep correct positions.
+Each row writes its T new tokens at its own `end_index` and advances it by the number of
+them with a non-zero segment id (right-padded input: its real tokens), so the rows of one
+batch can be at different lengths: a sampler appends ragged continuations, forks rows, and
+stopped rows stay where they are.
 
 Shape letters: B batch, T query length, S key length, D embed, N query heads,
 K kv heads, G = N / K, H head dim, F mlp hidden, V vocabulary.
@@ -131,10 +135,21 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int) -> Cache:
   layer = lambda: {"k": jnp.zeros(shape, config.compute_dtype),
                    "v": jnp.zeros(shape, config.compute_dtype)}
   return {
-      "index": jnp.zeros((), jnp.int32),
+      "end_index": jnp.zeros((batch_size,), jnp.int32),
       "segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32),
       "layers": [layer() for _ in range(config.num_layers)],
   }
+
+
+def write_rows(cache_Bx___, new_Bx___, start_B, axis: int = 0):
+  """Writes row b of `new` into row b of `cache` at offset start_B[b] along `axis` (of
+  the row, i.e. without the batch dimension). The caller keeps start + length within
+  the cache: XLA clamps a write that would run past the end."""
+  def one_row(cache_row, new_row, start):
+    offsets = [0] * cache_row.ndim
+    offsets[axis] = start
+    return jax.lax.dynamic_update_slice(cache_row, new_row.astype(cache_row.dtype), offsets)
+  return jax.vmap(one_row)(cache_Bx___, new_Bx___, start_B)
 
 
 def param(module, name, init, shape, axes):
@@ -250,12 +265,10 @@ class Attention(nn.Module):
       new_cache = {name: jax.lax.dynamic_update_slice(
           layer_cache[name], new.astype(layer_cache[name].dtype), (0, 0, 0, 0))
                    for name, new in (("k", k_BxKxTxH), ("v", v_BxKxTxH))}
-    else:  # Write the new keys at the cache index, then attend over all slots.
-      index = q_slot_BxT[0, 0]
-      k_BxKxSxH = jax.lax.dynamic_update_slice(
-          layer_cache["k"], k_BxKxTxH.astype(layer_cache["k"].dtype), (0, 0, index, 0))
-      v_BxKxSxH = jax.lax.dynamic_update_slice(
-          layer_cache["v"], v_BxKxTxH.astype(layer_cache["v"].dtype), (0, 0, index, 0))
+    else:  # Write the new keys at each row's end index, then attend over all slots.
+      start_B = q_slot_BxT[:, 0]
+      k_BxKxSxH = write_rows(layer_cache["k"], k_BxKxTxH, start_B, axis=1)
+      v_BxKxSxH = write_rows(layer_cache["v"], v_BxKxTxH, start_B, axis=1)
       new_cache = {"k": k_BxKxSxH, "v": v_BxKxSxH}
 
     S = k_BxKxSxH.shape[2]
@@ -316,9 +329,12 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None,
                fresh_cache: bool = False, logits_index_B=None):
-    """`fresh_cache=True` promises an empty `cache` (index 0), as in a sampler's prefill:
-    queries then attend over the T input tokens only (not all the cache's slots) and
-    their keys are stored in slots [0, T). `logits_index_B` (int32 [B]) computes the
+    """With a cache, each row's T tokens go to slots [end_index, end_index + T) of its row
+    (right-padded rows: padding carries segment id 0, is never attended, and the row's
+    end index advances by its real tokens only, so later writes overwrite the padding).
+    `fresh_cache=True` promises an empty `cache` (end index 0), as in a sampler's
+    prefill: queries then attend over the T input tokens only (not all the cache's
+    slots) and their keys are stored in slots [0, T). `logits_index_B` (int32 [B]) computes the
     logits at that one position per row only: [B, 1, V] (a prefill needs no others)."""
     cfg = self.config
     if segment_ids_BxT is None:
@@ -335,10 +351,9 @@ class Transformer(nn.Module):
       q_slot_BxT = jnp.broadcast_to(jnp.arange(T)[None], tokens_BxT.shape)
       k_segment_BxS = segment_ids_BxT
     else:
-      index = cache["index"]
-      q_slot_BxT = jnp.broadcast_to(index + jnp.arange(T)[None], tokens_BxT.shape)
-      k_segment_BxS = jax.lax.dynamic_update_slice(
-          cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, index))
+      end_B = cache["end_index"]
+      q_slot_BxT = end_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+      k_segment_BxS = write_rows(cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), end_B)
 
     block_cls = nn.remat(Block) if cfg.remat else Block
     new_layers = []
@@ -370,8 +385,9 @@ class Transformer(nn.Module):
     if fresh_cache:
       k_segment_BxS = jax.lax.dynamic_update_slice(
           cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, 0))
-    new_cache = {"index": cache["index"] + T, "segment_ids": k_segment_BxS,
-                 "layers": new_layers}
+    written_B = jnp.sum(segment_ids_BxT != 0, axis=1).astype(jnp.int32)
+    end_B = written_B if fresh_cache else cache["end_index"] + written_B
+    new_cache = {"end_index": end_B, "segment_ids": k_segment_BxS, "layers": new_layers}
     return logits_BxTxV, new_cache
 
 
