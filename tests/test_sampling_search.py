@@ -2,6 +2,7 @@
 each against sampling the whole sequence from scratch, also on an 8-device mesh."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -109,10 +110,17 @@ def test_fork_rows_decode_as_separate_prefills(model, where):
       sampling.fork(state, [0, 1, 2], **where)
 
 
-def _full_logprobs(cfg, params, prefix, continuation, temperature=1.0):
-  seq = jnp.array([list(prefix) + list(continuation)])
-  logits, _ = model_lib.Transformer(cfg).apply({"params": params}, seq,
-                                               jnp.arange(seq.shape[1])[None])
+@functools.lru_cache
+def _forward(cfg, width):
+  return jax.jit(lambda p, t: model_lib.Transformer(cfg).apply(
+      {"params": p}, t, jnp.arange(width)[None])[0])
+
+
+def _full_logprobs(cfg, params, prefix, continuation, temperature=1.0, width=24):
+  """The training forward pass (no cache) over the sequence right-padded to `width`
+  (causality makes the padding irrelevant): one compile."""
+  seq = list(prefix) + list(continuation)
+  logits = _forward(cfg, width)(params, jnp.array([seq + [0] * (width - len(seq))]))
   logprobs = jax.nn.log_softmax(logits[0] / temperature, axis=-1)
   n = len(prefix)
   return np.array([float(logprobs[n - 1 + i, t]) for i, t in enumerate(continuation)])
