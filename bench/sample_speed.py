@@ -20,7 +20,7 @@ them into the state dict of a `transformers.LlamaForCausalLM` built from
 vocabulary: argmax never picks it), transformers `eos_token_id=None` with
 `min_new_tokens = max_new_tokens = --new_tokens`.
 
-  o3lite:       `sampling.prefill` then `sampling.decode` (the jitted `lax.while_loop` that
+  o3lite:       `decoding.prefill` then `decoding.decode` (the jitted `lax.while_loop` that
                 `sampling.sample` runs, minus its host-side prompt padding and result
                 lists), blocked on the tokens.
   transformers: `model.generate(input_ids, attention_mask, do_sample=False, ...)`.
