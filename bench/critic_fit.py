@@ -61,15 +61,15 @@ def _rollouts(run, policy, examples, key):
                           run.rules)
   scorer = rewards_lib.RewardScorer({"correctness": 1.0}, sources.get_checker(
       run.config.data))
-  rows, comps, finished, texts, targets = [], [], [], [], []
+  rows, comps, finished, texts, row_examples = [], [], [], [], []
   for ex, prompt, group in zip(examples, prompts, drawn):
     for c in group:
       rows.append(prompt)
       comps.append(c.tokens)
       finished.append(c.finished)
       texts.append(tok.decode(c.tokens))
-      targets.append(ex["answer"])
-  scores = np.asarray(scorer.score(texts, targets, [1] * len(texts), 49).total, np.float32)
+      row_examples.append(ex)
+  scores = scorer.score(row_examples, texts, [1] * len(texts), 49).total
   scorer.close()
   batch = batching.rollout_batch(rows, comps, finished, 32 + 48 + 1, tok.eos_id, tok.pad_id)
   batch["returns"] = batch["mask"] * scores[:, None]

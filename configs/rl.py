@@ -76,7 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Correctness alone here: the warm start already keeps the format, and a small format
   # weight would, after group normalization, turn format noise into full-size advantages.
   c.rl.rewards = ml_collections.ConfigDict({"correctness": 1.0})
-  c.rl.reward_timeout_s = 5.0  # A reward call past this scores 0 and is counted.
+  # A reward call past this (per completion: a batched call of n gets n x this) scores
+  # 0 and is counted.
+  c.rl.reward_timeout_s = 5.0
 
   c.rl.log_every = 10  # Steps between console lines (metrics.jsonl gets every step).
   c.rl.eval_every = 50  # Steps between held-out evaluations (0 = before and after only).

@@ -4,15 +4,18 @@ r"""One process of the two-process CPU test (spawned by tests/test_multiprocess.
       python tests/multiprocess_worker.py 127.0.0.1:PORT NUM_PROCESSES PROCESS_ID
 
 Joins the run with `o3lite.distributed.maybe_initialize`, builds one mesh over every
-process's devices, trains the tiny model for a few SFT steps on a fixed global batch and
-prints one JSON line: process count, global and local device counts, and the losses.
-The test imports `train_losses` to run the same steps in one process as the reference.
+process's devices, trains the tiny model for a few SFT steps on a fixed global batch,
+scores a fixed round and one RL sampling step with reward functions that would give
+each process other values (see `reward_rounds`), and prints one JSON line: process
+count, global and local device counts, the losses and the rewards. The test imports
+`train_losses` to run the same steps in one process as the reference.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import types
 
 import jax
 import ml_collections
@@ -25,6 +28,9 @@ from o3lite.training import losses as losses_lib
 from o3lite.training import step as step_lib
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.training import state as train_state_lib
+from o3lite.rl import rewards as rewards_lib
+from o3lite.rl import rollouts
+from o3lite.sampling import sampler as sampling
 
 AXES = ("data", "fsdp", "tensor")
 MESH_SHAPE = (2, 2, 1)  # data x fsdp over the 4 global devices of two processes.
@@ -50,6 +56,11 @@ def global_batch(B: int = 8, T: int = 16, V: int = 64) -> dict[str, np.ndarray]:
 
 def train_losses(mesh_shape, devices, steps: int = NUM_STEPS) -> list[float]:
   """Losses of `steps` SFT steps of the tiny model on a mesh over `devices`."""
+  return train(mesh_shape, devices, steps)[0]
+
+
+def train(mesh_shape, devices, steps: int = NUM_STEPS):
+  """(losses, the train state after them, the mesh) of `train_losses`."""
   model_cfg = model_lib.ModelConfig.tiny(vocab_size=64)
   tx, _ = optimizer_lib.make_optimizer(opt_config(), 10)
   mesh = sharding_lib.make_mesh(AXES, mesh_shape, devices)
@@ -64,18 +75,72 @@ def train_losses(mesh_shape, devices, steps: int = NUM_STEPS) -> list[float]:
   for _ in range(steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))  # Replicated scalar: readable in every process.
-  return losses
+  return losses, state, mesh
+
+
+def reward_rounds(state, mesh) -> dict:
+  """A fixed round scored directly, then one DAPO sampling step (`sample_groups`) of the
+  model in `state` on `mesh`, with two reward functions that give these values on
+  process 0 only: a batched "judge" (the completion's index: every group informative)
+  and "flaky" (raises on question q0). Elsewhere the judge gives 0 to all (no group
+  informative, so more sampling rounds) and flaky never fails: only scores broadcast
+  from process 0 keep the processes in step. Returns the scores, the counts and each
+  function's calls in this process."""
+  is_main = jax.process_index() == 0
+  calls = {"judge": 0, "flaky": 0}
+  table = rewards_lib.RewardRegistry()
+
+  @table.register("judge", batched=True)
+  def judge(examples, completions, **_):
+    calls["judge"] += 1
+    return [float(i) if is_main else 0.0 for i in range(len(completions))]
+
+  @table.register("flaky")
+  def flaky(example, completion, **_):
+    calls["flaky"] += 1
+    if is_main and example["question"] == "q0":
+      raise RuntimeError("reward bug on process 0")
+    return 1.0
+
+  scorer = rewards_lib.RewardScorer({"judge": 1.0, "flaky": 0.5}, None, rewards=table)
+  examples = [{"question": f"q{i % 2}", "answer": "2"} for i in range(4)]
+  direct = scorer.score(examples, ["a", "b", "c", "d"], [1, 2, 3, 4], max_tokens=8)
+
+  model_cfg = model_lib.ModelConfig.tiny(vocab_size=64)
+  tokenizer = types.SimpleNamespace(encode=lambda text: [3 + len(text) % 50, 4, 5],
+                                    decode=lambda tokens: " ".join(map(str, tokens)))
+  stream = rollouts.PromptStream([{"question": f"q{i}", "cot": "", "answer": "2"}
+                                  for i in range(4)], tokenizer, seed=0, max_prompt_len=8)
+  rl_cfg = ml_collections.ConfigDict(dict(
+      prompts_per_step=2, group_size=2, max_sampling_rounds=3, dynamic_sampling=True,
+      max_new_tokens=4))
+  run = types.SimpleNamespace(config=ml_collections.ConfigDict({"rl": rl_cfg}),
+                              model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh,
+                              rules=RULES)
+  scfg = sampling.SamplingConfig(max_new_tokens=4, eos_id=1, prompt_bucket=8,
+                                 temperature=1.0, num_samples=2)
+  groups, position, stats = rollouts.sample_groups(run, state, stream, 0, 0, scorer, scfg)
+  scorer.close()
+  return {"direct": {"total": direct.total.tolist(), "failures": direct.failures,
+                     "timeouts": direct.timeouts},
+          "step": {"questions": [stream.examples[i]["question"]
+                                 for i in stream.take(0, 2)[0]],
+                   "scores": [g["scores"].tolist() for g in groups],
+                   "completions": [[c.tokens for c in g["group"]] for g in groups],
+                   "position": position, **stats},
+          "calls": calls}
 
 
 def main(argv: list[str]) -> None:
   coordinator, num_processes, process_id = argv[1], int(argv[2]), int(argv[3])
   distributed.maybe_initialize(True, coordinator, num_processes, process_id)
-  losses = train_losses(MESH_SHAPE, jax.devices())
+  losses, state, mesh = train(MESH_SHAPE, jax.devices())
+  rewards = reward_rounds(state, mesh)
   print(json.dumps({"process_index": jax.process_index(),
                     "process_count": jax.process_count(),
                     "num_devices": len(jax.devices()),
                     "num_local_devices": len(jax.local_devices()),
-                    "losses": losses}), flush=True)
+                    "losses": losses, "rewards": rewards}), flush=True)
   jax.distributed.shutdown()
 
 

@@ -4,7 +4,8 @@ Each process is started with 2 simulated CPU devices and joins the run through
 `o3lite.distributed.maybe_initialize` (gloo collectives), so the mesh spans 4 devices
 in 2 processes, as on a TPU pod slice or a multi-node GPU cluster. The references run in
 this test process, on its simulated devices (see conftest.py). The first test runs the
-SFT step alone; the second the whole `python -m o3lite.train` entry point, started by
+SFT step alone, then RL reward scoring (process 0 scores, both processes get its scores);
+the second the whole `python -m o3lite.train` entry point, started by
 launch/gpu_multinode.sh as it is on each node of a GPU cluster.
 """
 
@@ -83,6 +84,22 @@ def test_two_processes_train_like_one(tmp_path):
   reference = multiprocess_worker.train_losses((1, 1, 1), jax.devices()[:1])
   assert reference[-1] < reference[0]  # The steps really train.
   np.testing.assert_allclose(reports[0]["losses"], reference, rtol=2e-5)
+
+  # Rewards: scored on process 0 only, the same scores and counts on both processes.
+  rewards = [r["rewards"] for r in reports]
+  assert rewards[0]["direct"] == {"total": [0.0, 1.5, 2.0, 3.5], "failures": 2,
+                                  "timeouts": 0}
+  assert rewards[1]["direct"] == rewards[0]["direct"]
+  assert rewards[1]["step"] == rewards[0]["step"]
+  step = rewards[0]["step"]
+  assert step["sampling_rounds"] == 1 and step["dropped_groups"] == 0  # Informative.
+  assert step["position"] == 2
+  # The judge gives row i the value i; flaky adds 0.5 but fails on q0 on process 0.
+  assert step["scores"] == [[2 * g + 0.5 * (q != "q0"), 2 * g + 1 + 0.5 * (q != "q0")]
+                            for g, q in enumerate(step["questions"])]
+  assert step["reward_failures"] == 2 * step["questions"].count("q0")
+  assert rewards[0]["calls"] == {"judge": 2, "flaky": 8}
+  assert rewards[1]["calls"] == {"judge": 0, "flaky": 0}
 
 
 # A tiny run of configs/sft.py: small splits, 4 steps, 8 evaluation problems.

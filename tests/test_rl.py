@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -38,35 +39,115 @@ def test_rollout_batch_layout():
     pipeline.rollout_batch([[5, 6, 7]], [[9, 10]], [True], 4, 1, 0)
 
 
+def _examples(n, **metadata):
+  return [{"question": f"q{i}", "cot": "", "answer": "2", **metadata} for i in range(n)]
+
+
 def test_rewards_and_a_reward_function_that_raises_or_hangs():
   checker = lambda answer, target: answer == target
   scorer = rewards_lib.RewardScorer({"correctness": 1.0, "format": 0.5}, checker)
   texts = ["<think>1+1=2</think>2", "<think>1+1=3</think>3", "<think>1+1", "2"]
-  scores = scorer.score(texts, ["2"] * 4, [5, 5, 3, 1], max_tokens=10)
-  assert scores.parts["correctness"] == [1.0, 0.0, 0.0, 0.0]
-  assert scores.parts["format"] == [1.0, 1.0, 0.0, 0.0]
-  assert scores.total == [1.5, 0.5, 0.0, 0.0]
+  scores = scorer.score(_examples(4), texts, [5, 5, 3, 1], max_tokens=10)
+  assert scores.parts["correctness"].tolist() == [1.0, 0.0, 0.0, 0.0]
+  assert scores.parts["format"].tolist() == [1.0, 1.0, 0.0, 0.0]
+  assert scores.total.tolist() == [1.5, 0.5, 0.0, 0.0]
+  assert scores.total.dtype == np.float32
   assert scores.failures == scores.timeouts == 0
-  assert rewards_lib.length_penalty("", "", None, num_tokens=5, max_tokens=10) == -0.5
+  assert rewards_lib.length_penalty({}, "", num_tokens=5, max_tokens=10) == -0.5
 
-  def raises(completion, target, checker, **_):
+  table = rewards_lib.RewardRegistry()
+
+  @table.register("raises")
+  def raises(example, completion, **_):
     if "boom" in completion:
       raise RuntimeError("reward bug")
-    return 1.0
+    return float("nan") if "nan" in completion else 1.0
 
-  def hangs(completion, target, checker, **_):
+  release = threading.Event()
+
+  @table.register("hangs")
+  def hangs(example, completion, **_):
     if "slow" in completion:
-      time.sleep(5)
+      release.wait(5)
     return 1.0
 
   scorer = rewards_lib.RewardScorer({"raises": 1.0, "hangs": 1.0}, checker, timeout_s=0.2,
-                                    rewards={"raises": raises, "hangs": hangs})
-  scores = scorer.score(["ok", "boom", "slow", "ok"], ["x"] * 4, [1] * 4, 1)
-  assert scores.total == [2.0, 1.0, 1.0, 2.0]  # The failing call scores 0; others count.
-  assert scores.failures == 1 and scores.timeouts == 1
+                                    rewards=table)
+  scores = scorer.score(_examples(5), ["ok", "boom", "slow", "ok", "nan"], [1] * 5, 1)
+  # A call that raises or returns NaN scores 0; the other function still counts.
+  assert scores.total.tolist() == [2.0, 1.0, 1.0, 2.0, 1.0]
+  assert scores.failures == 2 and scores.timeouts == 1
+  release.set()
   scorer.close()
   with pytest.raises(errors.O3liteError, match=r"unknown reward function\(s\) \['corectness'\]"):
     rewards_lib.RewardScorer({"corectness": 1.0}, checker)
+
+
+def test_a_reward_function_reads_the_question_and_the_metadata():
+  table = rewards_lib.RewardRegistry()
+
+  @table.register("cites_spec")
+  def cites_spec(example, completion, *, checker, num_tokens, max_tokens, **_):
+    assert checker("a", "a") and max_tokens == 8
+    return float(example["spec"] in completion) + num_tokens / 100 + (
+        example["question"] == "q1")
+
+  examples = _examples(2, spec="rule 7")
+  scores = rewards_lib.RewardScorer({"cites_spec": 2.0}, lambda a, t: a == t,
+                                    rewards=table).score(
+      examples, ["by rule 7", "no rule"], [3, 5], max_tokens=8)
+  np.testing.assert_array_equal(scores.parts["cites_spec"], np.float32([1.03, 1.05]))
+  np.testing.assert_array_equal(scores.total, np.float32([2.06, 2.1]))
+  assert scores.failures == scores.timeouts == 0
+
+
+def test_a_batched_reward_function_scores_a_round_in_one_call():
+  table = rewards_lib.RewardRegistry()
+  calls = []
+
+  @table.register("judge", batched=True)
+  def judge(examples, completions, *, checker, num_tokens, max_tokens, **_):
+    calls.append((examples, completions, num_tokens, max_tokens))
+    if "boom" in completions:
+      raise RuntimeError("judge down")
+    if "short" in completions:
+      return [1.0] * (len(completions) - 1)
+    return [float(len(c)) if c != "nan" else float("nan") for c in completions]
+
+  table.register("format")(rewards_lib.format_reward)
+  assert table.batched == {"judge"}
+  scorer = rewards_lib.RewardScorer({"judge": 1.0, "format": 1.0}, lambda a, t: a == t,
+                                    rewards=table)
+  assert scorer.batched == {"judge"}
+  examples = _examples(3)
+  scores = scorer.score(examples, ["a", "bb", "ccc"], [1, 2, 3], max_tokens=4)
+  assert scores.parts["judge"].tolist() == [1.0, 2.0, 3.0]
+  assert calls == [(examples, ["a", "bb", "ccc"], [1, 2, 3], 4)]  # One call for all.
+  assert scores.failures == scores.timeouts == 0
+  # A batched call that raises or returns a wrong count fails all its completions; a
+  # non-finite entry only its own. The other functions still count.
+  for texts, failures, judged in [(["a", "boom"], 2, [0.0, 0.0]),
+                                  (["a", "short"], 2, [0.0, 0.0]),
+                                  (["a", "nan"], 1, [1.0, 0.0])]:
+    scores = scorer.score(examples[:2], texts, [1, 1], 4)
+    assert scores.parts["judge"].tolist() == judged and scores.failures == failures
+    assert scores.parts["format"].tolist() == [0.0, 0.0]
+  assert len(calls) == 4
+
+
+def test_a_batched_call_past_its_timeout_scores_zero_for_all_its_completions():
+  release = threading.Event()
+  table = rewards_lib.RewardRegistry()
+  table.register("hangs", batched=True)(lambda examples, completions, **_: (
+      release.wait(5), [1.0] * len(completions))[1])
+  scorer = rewards_lib.RewardScorer({"hangs": 1.0}, None, timeout_s=0.05, rewards=table)
+  started = time.time()
+  scores = scorer.score(_examples(3), ["a", "b", "c"], [1] * 3, 1)
+  assert 0.15 <= time.time() - started < 2  # n x timeout_s for a batch of n.
+  release.set()
+  assert scores.total.tolist() == [0.0] * 3
+  assert scores.timeouts == 3 and scores.failures == 0
+  scorer.close()
 
 
 def _config_like(run_dir, **overrides):

@@ -1,58 +1,113 @@
-"""Reward functions for RL, registered by name and weighted in the config.
+"""Reward functions for RL, registered by name and weighted in the config (`rl.rewards`).
 
-A reward function is `fn(completion: str, target: str, checker, **kwargs) -> float`,
-where `completion` is the generated text (think segment and answer) and `checker` the
-task's answer checker. `RewardScorer` sums the configured functions with their weights;
-a function that raises or runs past its timeout scores 0 for that completion, is counted,
-and never stops training.
+A reward function sees the whole example and one completion:
+
+  @register_reward("cites_spec")
+  def cites_spec(example, completion, *, checker, num_tokens, max_tokens, **_) -> float:
+    return float(example["spec"] in completion)
+
+`example` is the training example's dict: "question", "answer" (the target), "cot" and
+any metadata the data carries (a spec, step labels); `completion` is the generated text
+(think segment and answer); `checker(predicted, target) -> bool` is the task's answer
+checker; `num_tokens` is the completion's length in tokens (its EOS included when it
+finished) and `max_tokens` the most it could have. Take `**_` for the context you do not
+read. A batched function scores a whole sampling round in one call (a model judge):
+
+  @register_reward("judge", batched=True)
+  def judge(examples, completions, *, checker, num_tokens, max_tokens, **_):
+    return judge_model.score(examples, completions)   # one float per completion
+
+with lists in place of the single values: `examples[i]` is the example of
+`completions[i]`, a group's completions are adjacent, and `num_tokens` is a list too.
+
+`RewardScorer` sums the configured functions with their weights. Failures never stop
+training: a call that raises, returns a value that is not a finite number or runs past its
+timeout scores 0 for its completions, which are counted (`failures`, `timeouts`: in
+completions, summed over the functions), and the first failure of each function is logged
+with its reason. A single call has `timeout_s`; a batched call of n completions has
+n x `timeout_s` (what n single calls would have) and on timeout or error all n score 0. A
+batched call returning the wrong number of scores fails for all its completions; a
+non-finite entry fails for its own completion only.
+
+Scoring happens on process 0 only. In a multi-process run every process calls
+`RewardScorer.score` with the same completions (the sampler returns the whole global
+batch on every host); process 0 runs the reward functions and broadcasts the scores and
+counts, so every host computes the same advantages and, with dynamic sampling, takes the
+same number of sampling rounds, and a judge runs once per round, not once per host.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 from typing import Callable, Mapping, Sequence
+
+from absl import logging
+import jax
+import numpy as np
 
 from o3lite import errors
 from o3lite.data import formatting
+from o3lite.parallel import multiprocess
 from o3lite.registry import Registry
 
-REWARDS = Registry("reward function")
+
+class RewardRegistry(Registry):
+  """Reward functions by name; `batched` holds the names of those that score lists."""
+
+  def __init__(self):
+    super().__init__("reward function")
+    self.batched: set[str] = set()
+
+  def register(self, name: str, batched: bool = False):
+    """Decorator registering `fn` under `name`; `batched=True`: it scores a whole round
+    (`fn(examples, completions, ...) -> list[float]`, see the module docstring)."""
+    wrap = super().register(name)
+    def register_fn(fn):
+      if batched:
+        self.batched.add(name)
+      return wrap(fn)
+    return register_fn
+
+
+REWARDS = RewardRegistry()
 register_reward = REWARDS.register
 
 
 @register_reward("correctness")
-def correctness(completion: str, target: str, checker, **_) -> float:
-  """1 if the parsed final answer passes the task's checker, else 0."""
-  return float(bool(checker(formatting.parse_answer(completion), target)))
+def correctness(example: Mapping, completion: str, *, checker, **_) -> float:
+  """1 if the parsed final answer passes the task's checker against the example's
+  answer, else 0."""
+  return float(bool(checker(formatting.parse_answer(completion), example["answer"])))
 
 
 @register_reward("format")
-def format_reward(completion: str, target: str, checker, **_) -> float:
+def format_reward(example: Mapping, completion: str, **_) -> float:
   """1 if the completion closes its think segment and has a parseable answer, else 0."""
-  del target, checker
+  del example
   closed = formatting.THINK_END in completion
   return float(closed and formatting.parse_answer(completion) is not None)
 
 
 @register_reward("length_penalty")
-def length_penalty(completion: str, target: str, checker, num_tokens: int = 0,
-                   max_tokens: int = 1, **_) -> float:
+def length_penalty(example: Mapping, completion: str, *, num_tokens: int,
+                   max_tokens: int, **_) -> float:
   """-num_tokens / max_tokens: weight it to trade accuracy against length."""
-  del completion, target, checker
+  del example, completion
   return -float(num_tokens) / max(max_tokens, 1)
 
 
 @dataclasses.dataclass
 class Scores:
-  total: list[float]  # Weighted sum per completion.
-  parts: dict[str, list[float]]  # Each reward function's own value per completion.
-  failures: int  # Calls that raised.
-  timeouts: int  # Calls that ran past the timeout.
+  total: np.ndarray  # [N] float32: the weighted sum per completion.
+  parts: dict[str, np.ndarray]  # [N] float32: each reward function's own values.
+  failures: int  # Completions a call failed on (raised, wrong count, not finite).
+  timeouts: int  # Completions whose call ran past its timeout.
 
 
 def validate_weights(weights: Mapping[str, float],
-                     table: Mapping[str, Callable[..., float]] | None = None) -> None:
+                     table: Mapping[str, Callable] | None = None) -> None:
   """A ConfigError for unknown reward names or an empty set of rewards."""
   table = REWARDS if table is None else table
   unknown = sorted(set(weights) - set(table))
@@ -65,44 +120,127 @@ def validate_weights(weights: Mapping[str, float],
 
 
 class RewardScorer:
-  """Scores completions with weighted reward functions, isolating their failures."""
+  """Scores completions with weighted reward functions on process 0, isolating their
+  failures; every process gets process 0's scores (see the module docstring)."""
 
   def __init__(self, weights: Mapping[str, float], checker, timeout_s: float = 5.0,
-               rewards: Mapping[str, Callable[..., float]] | None = None):
+               rewards: RewardRegistry | None = None):
     table = REWARDS if rewards is None else rewards
     validate_weights(weights, table)
     self.fns = {name: table[name] for name in weights}
+    self.batched = {name for name in weights if name in table.batched}
     self.weights = dict(weights)
     self.checker = checker
     self.timeout_s = timeout_s
+    self._reported: set[str] = set()  # Functions whose first failure is logged.
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
 
-  def _call(self, fn, completion: str, target: str, kwargs) -> tuple[float, str]:
-    future = self._pool.submit(fn, completion, target, self.checker, **kwargs)
+  def score(self, examples: Sequence[Mapping], completions: Sequence[str],
+            num_tokens: Sequence[int], max_tokens: int) -> Scores:
+    """Scores of `completions[i]` (of `examples[i]`, `num_tokens[i]` tokens long).
+
+    A collective in a multi-process run: every process calls it with the same
+    completions; process 0 scores them and the others receive its result.
+    """
+    if jax.process_count() == 1:
+      return self._score_here(examples, completions, num_tokens, max_tokens)
+    if jax.process_index() == 0:
+      scores = self._score_here(examples, completions, num_tokens, max_tokens)
+    else:  # Shapes for the broadcast; process 0's values replace these.
+      zeros = np.zeros(len(completions), np.float32)
+      scores = Scores(zeros, {name: zeros for name in self.fns}, 0, 0)
+    tree = multiprocess.broadcast_from_process_0(
+        {"total": scores.total, "parts": scores.parts,
+         "counts": np.array([scores.failures, scores.timeouts], np.int32)})
+    return Scores(np.asarray(tree["total"], np.float32),
+                  {k: np.asarray(v, np.float32) for k, v in tree["parts"].items()},
+                  int(tree["counts"][0]), int(tree["counts"][1]))
+
+  def _score_here(self, examples, completions, num_tokens, max_tokens) -> Scores:
+    N = len(completions)
+    if not len(examples) == len(num_tokens) == N:
+      raise ValueError(f"{len(examples)} examples and {len(num_tokens)} lengths for "
+                       f"{N} completions")
+    parts, failures, timeouts = {}, 0, 0
+    for name, fn in self.fns.items():
+      if not N:
+        values, failed, timed_out = np.zeros(0), np.zeros(0, bool), 0
+      elif name in self.batched:
+        values, failed, timed_out = self._batched(name, fn, examples, completions,
+                                                  num_tokens, max_tokens)
+      else:
+        values, failed, timed_out = self._singles(name, fn, examples, completions,
+                                                  num_tokens, max_tokens)
+      parts[name] = np.where(failed, 0.0, values).astype(np.float32)
+      failures += int(failed.sum()) - timed_out
+      timeouts += timed_out
+    total = np.zeros(N, np.float32)
+    for name in self.fns:
+      total += np.float32(self.weights[name]) * parts[name]
+    return Scores(total, parts, failures, timeouts)
+
+  def _singles(self, name, fn, examples, completions, num_tokens, max_tokens):
+    """One call per completion: (values [N], failed [N], number timed out)."""
+    values, failed, timed_out = np.zeros(len(completions)), [], 0
+    for i, (example, completion, n) in enumerate(zip(examples, completions, num_tokens)):
+      result, problem = self._call(fn, self.timeout_s, example, completion,
+                                   checker=self.checker, num_tokens=int(n),
+                                   max_tokens=max_tokens)
+      if not problem:
+        try:
+          values[i] = float(result)
+          if not math.isfinite(values[i]):
+            problem = f"returned {values[i]}"
+        except (TypeError, ValueError):
+          problem = f"returned {result!r}, not a number"
+      timed_out += problem == "timeout"
+      failed.append(bool(problem))
+      self._report(name, problem)
+    return values, np.asarray(failed, bool), timed_out
+
+  def _batched(self, name, fn, examples, completions, num_tokens, max_tokens):
+    """One call for all completions: (values [N], failed [N], number timed out)."""
+    N = len(completions)
+    result, problem = self._call(fn, self.timeout_s * N, list(examples),
+                                 list(completions), checker=self.checker,
+                                 num_tokens=[int(n) for n in num_tokens],
+                                 max_tokens=max_tokens)
+    values, failed = np.zeros(N), np.zeros(N, bool)
+    if not problem:
+      try:
+        values = np.asarray(result, np.float64)
+        if values.shape != (N,):
+          problem = f"returned {values.size} scores for {N} completions"
+      except (TypeError, ValueError):
+        problem = f"returned {type(result).__name__}, not a list of numbers"
+    if problem:
+      self._report(name, problem)
+      return np.zeros(N), np.ones(N, bool), N if problem == "timeout" else 0
+    failed = ~np.isfinite(values)
+    if failed.any():
+      self._report(name, f"returned {values[failed][0]} for completion "
+                         f"{int(np.argmax(failed))}")
+    return values, failed, 0
+
+  def _call(self, fn, timeout_s: float, *args, **kwargs) -> tuple[object, str]:
+    """(fn's result, "") or (None, what went wrong: "timeout" or the exception)."""
+    future = self._pool.submit(fn, *args, **kwargs)
     try:
-      return float(future.result(timeout=self.timeout_s)), ""
+      return future.result(timeout=timeout_s), ""
     except concurrent.futures.TimeoutError:
       # The hung call keeps its thread; a fresh pool serves the calls that follow.
       self._pool.shutdown(wait=False, cancel_futures=True)
       self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
-      return 0.0, "timeout"
-    except Exception:  # pylint: disable=broad-except
-      return 0.0, "failure"
+      return None, "timeout"
+    except Exception as e:  # pylint: disable=broad-except
+      return None, f"raised {type(e).__name__}: {e}"
 
-  def score(self, completions: Sequence[str], targets: Sequence[str],
-            num_tokens: Sequence[int], max_tokens: int) -> Scores:
-    parts = {name: [] for name in self.fns}
-    failures = timeouts = 0
-    for completion, target, n in zip(completions, targets, num_tokens):
-      for name, fn in self.fns.items():
-        value, problem = self._call(fn, completion, target,
-                                    {"num_tokens": int(n), "max_tokens": max_tokens})
-        failures += problem == "failure"
-        timeouts += problem == "timeout"
-        parts[name].append(value)
-    total = [sum(self.weights[name] * parts[name][i] for name in self.fns)
-             for i in range(len(completions))]
-    return Scores(total, parts, failures, timeouts)
+  def _report(self, name: str, problem: str) -> None:
+    if problem and name not in self._reported:
+      self._reported.add(name)
+      logging.warning("reward function %r %s; it scores 0 there (counted in "
+                      "reward_failures / reward_timeouts; later failures are only "
+                      "counted)", name, "timed out" if problem == "timeout" else problem)
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)

@@ -53,7 +53,9 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
   sampled from `state.params["policy"]`, decoded and scored; with dynamic sampling
   (DAPO) groups whose rewards are all equal are dropped and refilled, up to
   `max_sampling_rounds`. `run` gives the config, model, tokenizer and mesh. Returns
-  (group records, stream position after them, counts)."""
+  (group records, stream position after them, counts). Every process samples the same
+  global batch and gets process 0's scores (`RewardScorer.score`), so every process keeps
+  the same groups and takes the same number of rounds."""
   rl_cfg = run.config.rl
   want, G = rl_cfg.prompts_per_step, rl_cfg.group_size
   kept: list[dict] = []
@@ -66,18 +68,19 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
     prompts = [stream.prompts[i] for i in indices]
     drawn = sampling.sample(state.params["policy"], prompts, run.model_cfg, scfg, want,
                             key, run.mesh, run.rules)
-    texts, targets, lengths, groups = [], [], [], []
+    examples, texts, lengths, groups = [], [], [], []
     for i, prompt, group in zip(indices, prompts, drawn):
       for c in group:
+        examples.append(stream.examples[i])
         texts.append(run.tokenizer.decode(c.tokens))
-        targets.append(stream.examples[i]["answer"])
         lengths.append(len(c.tokens) + int(c.finished))
       groups.append((prompt, group))
-    scores = scorer.score(texts, targets, lengths, rl_cfg.max_new_tokens + 1)
+    # Scored on process 0, the same on every process: so are `keep` and the rounds.
+    scores = scorer.score(examples, texts, lengths, rl_cfg.max_new_tokens + 1)
     stats["reward_failures"] += scores.failures
     stats["reward_timeouts"] += scores.timeouts
     stats["sampling_rounds"] += 1
-    total = np.asarray(scores.total, np.float32)
+    total = scores.total
     keep = (alg.informative_groups(total, G) if rl_cfg.dynamic_sampling
             else np.ones(want, bool))
     stats["dropped_groups"] += int(np.sum(~keep))
