@@ -54,8 +54,11 @@ def test_task_splits_sizes_and_disjoint(task_data):
         task, split, SIZES[split], seed=0)} == {
             ex["question"] for ex in examples}
     for ex in examples:
-      assert set(ex) == {"question", "cot", "answer"}
-      assert all(isinstance(v, str) for v in ex.values())
+      assert set(ex) == {"question", "cot", "answer", "step_values"}
+      assert all(isinstance(ex[k], str) for k in builders.TEXT_KEYS)
+      # Metadata: the number each reference step computes, as ints.
+      assert ex["step_values"] == [int(step.split("=")[1])
+                                   for step in ex["cot"].split("\n")]
       assert tasks.split_of(ex["question"]) == split
       assert formatting.split_steps(ex["cot"])[-1].endswith("=" + ex["answer"])
   questions = [ex["question"] for exs in splits.values() for ex in exs]
@@ -188,6 +191,38 @@ def test_jsonl_malformed_line(tmp_path, bad_line, reason):
   message = str(error.value)
   assert message.startswith(f"{tmp_path / 'train.jsonl'}:5: {reason}")
   assert "\n" not in message
+
+
+def test_jsonl_metadata_reaches_a_reward_function(tmp_path):
+  """A line's keys other than question / answer / cot come back as the example's
+  own keys, JSON values intact, and a reward function reads them."""
+  from o3lite.rl import rewards as rewards_lib  # Only this test needs the RL stage.
+  extra = {"spec": "Cite rule 7. ü", "step_labels": [1, 0], "meta": {"k": [1.5, None]}}
+  records = _records(20)
+  records[3] = {**records[3], **extra}
+  _write_jsonl(tmp_path / "train.jsonl", records)
+  _write_jsonl(tmp_path / "test.jsonl", [{**records[3], "question": "t?"}])
+  cfg = _data_cfg(tmp_path / "tfds", source="jsonl", path=str(tmp_path))
+  by_question = {ex["question"]: ex for split in SIZES
+                 for ex in sources.load_examples(cfg, split)}
+  assert by_question["q3?"] == {"question": "q3?", "cot": "step 3\nstep 4",
+                                "answer": "3", **extra}
+  assert by_question["t?"]["step_labels"] == [1, 0]
+  assert by_question["q2?"] == {"question": "q2?", "cot": "", "answer": "2"}
+
+  table = rewards_lib.RewardRegistry()
+
+  @table.register("follows_spec")
+  def follows_spec(example, completion, **_):
+    return float(example.get("spec", "").startswith(completion)) + sum(
+        example.get("step_labels", []))
+
+  examples = [by_question["q3?"], by_question["q2?"]]
+  scores = rewards_lib.RewardScorer({"follows_spec": 1.0}, lambda a, t: a == t,
+                                    rewards=table).score(
+      examples, ["Cite rule", "Cite rule"], [1, 1], max_tokens=4)
+  assert scores.total.tolist() == [2.0, 0.0]
+  assert scores.failures == 0
 
 
 def test_jsonl_missing_train(tmp_path):

@@ -55,7 +55,7 @@ def test_addition_steps_are_correct(digits):
     assert len(str(a)) == len(str(b)) == digits
     assert p.answer == str(a + b)
     assert len(p.steps) == digits
-    carry, written = 0, []
+    carry, written, totals = 0, [], []
     for column, step in enumerate(p.steps):
       da, db, cin, total, w, c = map(int, step_re.fullmatch(step).groups())
       assert (da, db, cin) == (a // 10**column % 10, b // 10**column % 10,
@@ -63,6 +63,8 @@ def test_addition_steps_are_correct(digits):
       assert total == da + db + cin and w == total % 10 and c == total // 10
       carry = c
       written.append(str(w))
+      totals.append(total)
+    assert p.step_values == tuple(totals)  # The column sums.
     assert p.answer == (str(carry) if carry else "") + "".join(written[::-1])
 
 
@@ -84,12 +86,14 @@ def test_multiplication_steps_are_correct(digits, multiplier_digits):
       assert x == a and factor == b // 10**place % 10 * 10**place
       assert product == a * factor
       partials.append(product)
-    total = partials[0]
+    total, values = partials[0], list(partials)
     for partial, step in zip(partials[1:], sums):
       x, y, z = map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", step).groups())
       assert (x, y, z) == (total, partial, total + partial)
       total = z
+      values.append(z)
     assert str(total) == p.answer
+    assert p.step_values == tuple(values)
 
 
 @pytest.mark.parametrize("steps, modulus", [(5, 10), (2, 7), (8, 100)])
@@ -102,6 +106,7 @@ def test_opchain_steps_are_correct(steps, modulus):
     value = int(tokens[0])
     assert 0 <= value < modulus
     assert len(p.steps) == len(tokens) - 3 == steps
+    values = []
     for token, step in zip(tokens[1:-2], p.steps):
       op, operand = token[0], int(token[1:])
       ops_seen.add(op)
@@ -110,7 +115,9 @@ def test_opchain_steps_are_correct(steps, modulus):
                 "*": value * operand}[op] % modulus
       assert step == f"{value}{op}{operand}={result}"
       value = result
+      values.append(result)
     assert p.answer == str(value)
+    assert p.step_values == tuple(values)
   assert ops_seen == {"+", "-", "*"}
 
 

@@ -25,7 +25,7 @@ from o3lite.data import tokenizers as tokenizer_lib
 Batch = dict[str, np.ndarray]
 
 
-def tokenize_example(ex: dict[str, str], tokenizer: tokenizer_lib.Tokenizer,
+def tokenize_example(ex: dict, tokenizer: tokenizer_lib.Tokenizer,
                      with_cot: bool) -> tuple[list[int], list[int]]:
   """Returns (prompt_ids, completion_ids); the completion ends with EOS."""
   prompt = tokenizer.encode(formatting.format_prompt(ex["question"]))
@@ -34,7 +34,7 @@ def tokenize_example(ex: dict[str, str], tokenizer: tokenizer_lib.Tokenizer,
   return prompt, completion + [tokenizer.eos_id]
 
 
-def encode_prompts(examples: Sequence[dict[str, str]],
+def encode_prompts(examples: Sequence[dict],
                    tokenizer: tokenizer_lib.Tokenizer) -> list[list[int]]:
   """Prompt ids of each example, for sampling and evaluation."""
   return [tokenizer.encode(formatting.format_prompt(ex["question"]))
@@ -54,14 +54,14 @@ class SFTBatcher:
   Padding uses `tokenizer.pad_id`.
   """
 
-  def __init__(self, examples: Sequence[dict[str, str]],
+  def __init__(self, examples: Sequence[dict],
                tokenizer: tokenizer_lib.Tokenizer, batch_size: int,
                seq_len: int, seed: int, with_cot: bool = True,
                pack: bool = True):
     """Tokenizes every example.
 
     Args:
-      examples: dicts with "question", "cot" and "answer".
+      examples: dicts with "question", "cot" and "answer" (other keys unread).
       tokenizer: the tokenizer.
       batch_size: rows per batch.
       seq_len: slots per row.

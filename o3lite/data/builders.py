@@ -1,8 +1,12 @@
 """TFDS builders of question / chain-of-thought / answer datasets.
 
-Every builder writes array_record files with three Text features, `question`,
-`cot` (steps joined by "\\n") and `answer`, and splits train / validation /
-test that never share a question. They run without TensorFlow:
+An example is a dict with "question", "cot" (steps joined by "\\n") and "answer"
+strings, plus any metadata as further top-level keys (JSON values: a spec, step
+labels, a task's "step_values"). Every builder writes array_record files with
+four Text features, the three strings and `metadata`, the other keys as one JSON
+object (TFDS features are fixed; metadata keys vary by dataset), and splits
+train / validation / test that never share a question. `decode` turns a stored
+record back into the example. They run without TensorFlow:
 
   builder = ReasoningTasks(data_dir=d, config=ReasoningTasks.make_config(
       "opchain", {"steps": 5}, (20000, 2000, 2000), seed=0),
@@ -37,7 +41,8 @@ tfds.disable_progress_bar()
 logging.getLogger("absl").addFilter(
     lambda record: "custom data configuration" not in record.getMessage())
 
-Example = dict[str, str]
+Example = dict[str, Any]  # "question", "cot", "answer" strings + metadata keys.
+TEXT_KEYS = ("question", "cot", "answer")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_GSM8K_PATH = str(REPO_ROOT.parent / "shared" / "data" / "gsm8k")
@@ -49,7 +54,24 @@ def _features() -> tfds.features.FeaturesDict:
       "question": tfds.features.Text(),
       "cot": tfds.features.Text(),
       "answer": tfds.features.Text(),
+      "metadata": tfds.features.Text(),  # JSON object of the other keys.
   })
+
+
+def encode(example: Example) -> dict[str, str]:
+  """The stored record of an example: its metadata keys as one JSON string."""
+  metadata = {k: v for k, v in example.items() if k not in TEXT_KEYS}
+  return {**{k: example[k] for k in TEXT_KEYS},
+          "metadata": json.dumps(metadata, separators=(",", ":"))}
+
+
+def decode(record: Mapping[str, bytes]) -> Example:
+  """The example of a stored record (values as bytes, as TFDS gives them)."""
+  example = {k: record[k].decode("utf-8") for k in TEXT_KEYS}
+  metadata = record["metadata"]
+  if metadata != b"{}":
+    example.update(json.loads(metadata))
+  return example
 
 
 def _short_hash(text: str) -> str:
@@ -59,8 +81,14 @@ def _short_hash(text: str) -> str:
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared pieces: version, features, and examples keyed by position."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  # A new version is prepared in its own folder under data_dir: a cache written by an
+  # older version is never read as this one.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "A `metadata` feature: each example's keys other than question, cot and "
+               "answer as a JSON object (JSONL lines' extra keys, tasks' step_values).",
+  }
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -74,8 +102,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(builder=self, features=_features())
 
   def _generate_examples(
-      self, examples: Sequence[Example]) -> Iterator[tuple[int, Example]]:
-    yield from enumerate(examples)
+      self, examples: Sequence[Example]) -> Iterator[tuple[int, dict[str, str]]]:
+    for index, example in enumerate(examples):
+      yield index, encode(example)
 
 
 # --- Procedural tasks. ---
@@ -124,8 +153,8 @@ class ReasoningTasks(_Builder, skip_registration=True):
       problems = tasks.generate_split(task, split, size,
                                       self.builder_config.seed)
       splits[split] = self._generate_examples(
-          [{"question": p.question, "cot": p.cot, "answer": p.answer}
-           for p in problems])
+          [{"question": p.question, "cot": p.cot, "answer": p.answer,
+            "step_values": list(p.step_values)} for p in problems])
     return splits
 
 
@@ -196,7 +225,8 @@ def parse_gsm8k(record: Mapping[str, Any]) -> Example:
 
 
 def parse_record(record: Mapping[str, Any]) -> Example:
-  """A user record: question, answer (strings) and an optional cot."""
+  """A user record: question, answer (strings), an optional cot, and any other keys
+  kept as they are, the example's metadata (`record["spec"]` is `example["spec"]`)."""
   question = _get_str(record, "question").strip()
   answer = _get_str(record, "answer").strip()
   cot = "\n".join(_lines(_get_str(record, "cot", required=False)))
@@ -204,7 +234,8 @@ def parse_record(record: Mapping[str, Any]) -> Example:
     raise errors.DataError("empty 'question'")
   if not answer:
     raise errors.DataError("empty 'answer'")
-  return {"question": question, "cot": cot, "answer": answer}
+  return {"question": question, "cot": cot, "answer": answer,
+          **{k: v for k, v in record.items() if k not in TEXT_KEYS}}
 
 
 def carve_split(examples: Sequence[Example], low: float,
@@ -281,7 +312,8 @@ class Gsm8k(_Builder, skip_registration=True):
 class JsonlDataset(_Builder, skip_registration=True):
   """Users' own data: a folder with train.jsonl and optional eval files.
 
-  Lines are {"question": str, "answer": str, "cot": str (optional)}. A missing
+  Lines are {"question": str, "answer": str, "cot": str (optional)}; any other keys
+  are the example's metadata, kept as they are (`example["spec"]`). A missing
   validation.jsonl (test.jsonl) is carved from train: the questions hashing
   into [0.8, 0.9) ([0.9, 1.0)). Train examples whose question is in an
   evaluation split are dropped, so splits never share a question.

@@ -65,8 +65,10 @@ def get_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def load_examples(data_cfg: Any, split: str) -> Sequence[dict[str, str]]:
-  """Returns the examples of `split` as {"question", "cot", "answer"} strings.
+def load_examples(data_cfg: Any, split: str) -> Sequence[dict[str, Any]]:
+  """Returns the examples of `split`: dicts of "question", "cot" and "answer"
+  strings plus the example's metadata as further keys (a JSONL line's other keys,
+  a task's "step_values"; see `builders`).
 
   The order is the (deterministic) order of the prepared files.
   """
@@ -75,8 +77,7 @@ def load_examples(data_cfg: Any, split: str) -> Sequence[dict[str, str]]:
         f"Unknown split {split!r}; valid: {list(builders.SPLITS)}.")
   source = get_builder(data_cfg).as_data_source(split)
   records = source.__getitems__(range(len(source))) if len(source) else []
-  return [{key: value.decode("utf-8") for key, value in record.items()}
-          for record in records]
+  return [builders.decode(record) for record in records]
 
 
 def get_checker(data_cfg: Any) -> Callable[[str | None, str], bool]:

@@ -1,8 +1,9 @@
 """Procedural reasoning tasks with exact chains of thought and checkers.
 
 A task is a frozen dataclass whose fields are its difficulty knobs. It draws
-`Problem`s (question, steps, answer) from a numpy Generator, checks predicted
-answers, and labels written steps right or wrong (process supervision).
+`Problem`s (question, steps, answer, and the number each step computes) from a
+numpy Generator, checks predicted answers, and labels written steps right or
+wrong (process supervision).
 
   task = get_task("opchain", steps=5, modulus=10)
   train = generate_split(task, "train", num_examples=1000, seed=0)
@@ -28,11 +29,17 @@ SPLIT_FRACTIONS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """One problem: a question, the reference chain of thought, the answer."""
+  """One problem: a question, the reference chain of thought, the answer.
+
+  `step_values[i]` is the number reference step i computes (what its "=" gives):
+  the exact intermediate values a process reward model or step checker compares
+  against. The dataset carries them as the example's "step_values" (a list of ints).
+  """
 
   question: str
   steps: tuple[str, ...]
   answer: str
+  step_values: tuple[int, ...] = ()
 
   @property
   def cot(self) -> str:
@@ -158,7 +165,8 @@ class Addition(Task):
 
   Step for a column: "digit_a+digit_b+carry_in=sum wD cC" where D is the digit
   written and C the carry out, e.g. "457+385" gives steps
-  "7+5+0=12 w2 c1", "5+8+1=14 w4 c1", "4+3+1=8 w8 c0" and answer "842".
+  "7+5+0=12 w2 c1", "5+8+1=14 w4 c1", "4+3+1=8 w8 c0" and answer "842"; the step
+  values are the column sums 12, 14, 8.
   """
 
   digits: int = 3
@@ -168,13 +176,15 @@ class Addition(Task):
 
   def generate(self, rng: np.random.Generator) -> Problem:
     a, b = _draw_number(rng, self.digits), _draw_number(rng, self.digits)
-    steps, carry = [], 0
+    steps, values, carry = [], [], 0
     for column in range(self.digits):
       da, db = a // 10**column % 10, b // 10**column % 10
       total = da + db + carry
       steps.append(f"{da}+{db}+{carry}={total} w{total % 10} c{total // 10}")
+      values.append(total)
       carry = total // 10
-    return Problem(question=f"{a}+{b}", steps=tuple(steps), answer=str(a + b))
+    return Problem(question=f"{a}+{b}", steps=tuple(steps), answer=str(a + b),
+                   step_values=tuple(values))
 
 
 @register_task("multiplication")
@@ -182,8 +192,8 @@ class Addition(Task):
 class Multiplication(Task):
   """a * b: one shifted partial product per digit of b, then their sums.
 
-  E.g. "47*36" gives steps "47*6=282", "47*30=1410", "282+1410=1692" and
-  answer "1692". `multiplier_digits` defaults to `digits`.
+  E.g. "47*36" gives steps "47*6=282", "47*30=1410", "282+1410=1692" (step values
+  282, 1410, 1692) and answer "1692". `multiplier_digits` defaults to `digits`.
   """
 
   digits: int = 2
@@ -202,11 +212,13 @@ class Multiplication(Task):
       factor = b // 10**place % 10 * 10**place
       partials.append(a * factor)
       steps.append(f"{a}*{factor}={a * factor}")
-    total = partials[0]
+    values, total = list(partials), partials[0]
     for partial in partials[1:]:
       steps.append(f"{total}+{partial}={total + partial}")
       total += partial
-    return Problem(question=f"{a}*{b}", steps=tuple(steps), answer=str(a * b))
+      values.append(total)
+    return Problem(question=f"{a}*{b}", steps=tuple(steps), answer=str(a * b),
+                   step_values=tuple(values))
 
 
 _OPS = ("+", "-", "*")
@@ -217,7 +229,8 @@ _OPS = ("+", "-", "*")
 class OpChain(Task):
   """A chain of `steps` operations modulo `modulus`, applied left to right.
 
-  "3 +4 *2 -1 mod 10" gives steps "3+4=7", "7*2=4", "4-1=3" and answer "3".
+  "3 +4 *2 -1 mod 10" gives steps "3+4=7", "7*2=4", "4-1=3" (step values 7, 4, 3)
+  and answer "3".
   Start value and operands are in [0, modulus); operations in {+, -, *}.
   """
 
@@ -230,7 +243,7 @@ class OpChain(Task):
   def generate(self, rng: np.random.Generator) -> Problem:
     draws = rng.integers(0, [self.modulus] + [3, self.modulus] * self.steps)
     value = int(draws[0])
-    question, steps = [str(value)], []
+    question, steps, values = [str(value)], [], []
     for op_index, operand in draws[1:].reshape(self.steps, 2).tolist():
       op = _OPS[op_index]
       if op == "+":
@@ -241,10 +254,11 @@ class OpChain(Task):
         result = (value * operand) % self.modulus
       question.append(f"{op}{operand}")
       steps.append(f"{value}{op}{operand}={result}")
+      values.append(result)
       value = result
     question.append(f"mod {self.modulus}")
     return Problem(question=" ".join(question), steps=tuple(steps),
-                   answer=str(value))
+                   answer=str(value), step_values=tuple(values))
 
 
 def hash_fraction(text: str) -> float:
@@ -297,13 +311,15 @@ def generate_split(task: Task, split: str, num_examples: int,
   return problems
 
 
-def slip_opchain(example: dict[str, str], op: str, rate: float, modulus: int,
-                 seed: int = 0) -> dict[str, str]:
+def slip_opchain(example: dict[str, Any], op: str, rate: float, modulus: int,
+                 seed: int = 0) -> dict[str, Any]:
   """An opchain example whose chain makes a systematic slip: each `op` step's result is
   written off by one, (r + 1) mod `modulus`, with probability `rate`; the later steps
   and the answer follow the wrong value, as a person's chain would. Deterministic per
   question. Imperfect demonstrations like these leave room for RL: a model imitating
-  them slips too, and only a verifier tells it which of its chains are right.
+  them slips too, and only a verifier tells it which of its chains are right. Other keys
+  (metadata such as "step_values") are kept: they still describe the problem's correct
+  chain.
   """
   rng = np.random.default_rng([seed, int(hash_fraction(example["question"]) * 2**32)])
   lines, value = [], None

@@ -7,7 +7,8 @@ A reward function sees the whole example and one completion:
     return float(example["spec"] in completion)
 
 `example` is the training example's dict: "question", "answer" (the target), "cot" and
-any metadata the data carries (a spec, step labels); `completion` is the generated text
+any metadata the data carries as further keys (a JSONL line's other keys, such as a spec
+or step labels; a procedural task's "step_values"); `completion` is the generated text
 (think segment and answer); `checker(predicted, target) -> bool` is the task's answer
 checker; `num_tokens` is the completion's length in tokens (its EOS included when it
 finished) and `max_tokens` the most it could have. Take `**_` for the context you do not
