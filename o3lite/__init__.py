@@ -9,7 +9,8 @@ before it (tests/test_layout.py checks every import):
   parallel     device mesh and sharding rules, multi-process start, host memory
   data         tasks, the answer format, tokenizers, TFDS builders, batching
   interop      Hugging Face import / export
-  sampling     the jitted sampler (prefill + decode loop on the explicit KV cache)
+  sampling     the jitted sampler (prefill, extend, fork + decode loop on the explicit KV
+               cache; stops and continuations for search; scoring)
   evaluation   held-out metrics: greedy accuracy, pass@k, maj@k, thinking budgets
   training     the train state, the one train step, losses, optimizer, loop, checkpoints,
                run folders, and the SFT run
