@@ -25,6 +25,7 @@ from o3lite.interop import huggingface as hf
 from o3lite.interop import safetensors_io
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import sampler as sampling
+from o3lite.sampling import stops as stops_lib
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import run_folder
 
@@ -103,6 +104,49 @@ def test_greedy_generation_matches_transformers(smollm2):
     theirs = theirs[:theirs.index(eos)] if eos in theirs else theirs
     assert completion == theirs, (tokenizer.decode(completion), tokenizer.decode(theirs))
   assert len(ours[0]) == new  # One row compared over all 32 new tokens.
+
+
+class _StopTokenizer:
+  """transformers' tokenizer as `stops.stop_set` reads one."""
+
+  def __init__(self, tokenizer):
+    self._tok, self.vocab_size = tokenizer, len(tokenizer)
+    self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False)
+
+  def decode(self, ids):
+    return self._tok.decode(ids)
+
+
+def test_stop_then_continue_from_a_chat_prompt_matches_generate(smollm2):
+  """Sample a chat answer up to its first ".", append text of ours, continue: the tokens
+  are transformers' greedy `generate` from the whole concatenation."""
+  tokenizer = smollm2.hf_tokenizer
+  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+  chat = tokenizer.apply_chat_template(
+      [{"role": "user", "content": "Describe the sky on a clear day in two sentences."}],
+      add_generation_prompt=True, tokenize=True, return_dict=False)
+  step = stops_lib.stop_set(_StopTokenizer(tokenizer), ["."])
+  cfg = sampling.SamplingConfig(max_new_tokens=48, eos_id=eos, pad_id=pad, stops=step.stops)
+  state = sampling.start(smollm2.params, [chat], smollm2.cfg, cfg)
+  first = sampling.completions(state, cfg)[0]
+  assert step.label(first.stop) == "." and "." in tokenizer.decode(first.tokens[-1:])
+  suffix = tokenizer.encode(" At night, however,", add_special_tokens=False)
+  state = sampling.continue_(smollm2.params, state, [suffix], smollm2.cfg, cfg)
+  second = sampling.completions(state, cfg)[0]
+  whole = chat + first.tokens + suffix
+  with torch.inference_mode():
+    out = smollm2.torch_model.generate(
+        torch.tensor([whole]), attention_mask=torch.ones(1, len(whole), dtype=torch.long),
+        do_sample=False, max_new_tokens=48, eos_token_id=eos, pad_token_id=pad)
+  theirs = out[0, len(whole):].tolist()
+  theirs = theirs[:theirs.index(eos)] if eos in theirs else theirs
+  # Up to our own stop at the next ".", which generate does not have.
+  ours = second.tokens
+  assert ours == theirs[:len(ours)], (tokenizer.decode(ours), tokenizer.decode(theirs))
+  assert len(ours) >= 4
 
 
 def test_sft_steps_from_the_folder(smollm2, tmp_path):
