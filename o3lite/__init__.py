@@ -14,10 +14,12 @@ before it (tests/test_layout.py checks every import):
   evaluation   held-out metrics: greedy accuracy, pass@k, maj@k, thinking budgets
   training     the train state, the one train step, losses, optimizer, loop, checkpoints,
                run folders, and the SFT run
+  verifiers    step labels (exact, Monte Carlo, consensus) and their JSONL files; after
+               training so that a reward model can be trained with the one train step
   rl           RL maths, rewards, the learner (its loss and scoring), the RL run
   train.py, evaluate.py, export.py   the entry points (thin: flags -> library)
 """
 
 # The layers above, lowest first; tests/test_layout.py reads this.
 LAYERS = ("errors", "registry", "model", "parallel", "data", "interop", "sampling", "evaluation",
-          "training", "rl", "train", "evaluate", "export")
+          "training", "verifiers", "rl", "train", "evaluate", "export")

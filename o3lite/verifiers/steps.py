@@ -1,0 +1,116 @@
+"""The steps of a completion, as character and token spans, and their exact labels.
+
+A completion in the one format (`data/formatting.py`) is
+
+  "<think>" step_1 "\\n" ... step_n "</think>" answer
+
+and its steps are the non-blank lines of the chain, stripped (`formatting.split_steps`).
+`split_completion` says where each one is; `token_spans` where it is in the tokens the
+model wrote, and where a prefix "up to and including step i" ends, the point from which
+the Monte Carlo labeller samples completions (`labellers.py`).
+
+The exact labeller reads the value a step writes (the number after its last "=") and
+compares it with the problem's true intermediate value (`Problem.step_values`, carried by
+examples as "step_values"). Convention (PRM800K, "Let's Verify Step by Step"; ProcessBench):
+a step is correct when it is correct *given the problem*: its value is the true one.
+A step that carries on correctly from an earlier wrong value writes a wrong value, so it
+is wrong too; the first error (`first_error`) is the first wrong step. Unlike
+`Task.label_steps` (the reference text, character for character), the operands and the
+spacing are not compared: only the value the step computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+from o3lite.data import formatting
+
+_VALUE = re.compile(r"\s*(-?\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One step of a completion: `text` (stripped) is completion[start:end]; a prefix up to
+  and including the step is completion[:boundary] (after its "\\n" delimiter, or at the
+  end of the chain for the last step)."""
+
+  text: str
+  start: int
+  end: int
+  boundary: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpan:
+  """A step in the completion's tokens: tokens[start:end] hold its text, and
+  tokens[:boundary] is the prefix up to and including it (its delimiter included)."""
+
+  start: int
+  end: int
+  boundary: int
+
+
+def split_completion(completion: str) -> list[Step]:
+  """The steps of a completion (or of a chain whose "<think>" is in the prompt).
+
+  The chain is the text after the last "<think>" before the last "</think>" (as
+  `formatting.parse_cot`); a chain that never closes runs to the end of the text, so a
+  cut-off completion still has steps. The step texts are `formatting.split_steps` of it.
+  """
+  close = completion.rfind(formatting.THINK_END)
+  close = len(completion) if close < 0 else close
+  open_ = completion.rfind(formatting.THINK_START, 0, close)
+  begin = 0 if open_ < 0 else open_ + len(formatting.THINK_START)
+  steps, line_start = [], begin
+  while line_start < close:
+    newline = completion.find("\n", line_start, close)
+    line_end = close if newline < 0 else newline
+    line = completion[line_start:line_end]
+    if line.strip():
+      start = line_start + len(line) - len(line.lstrip())
+      end = line_start + len(line.rstrip())
+      steps.append(Step(line.strip(), start, end, line_end if newline < 0 else line_end + 1))
+    line_start = line_end + 1
+  return steps
+
+
+def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
+                steps: Sequence[Step]) -> list[TokenSpan]:
+  """Where `steps` (of the text `decode(tokens)`) are in `tokens`.
+
+  A token belongs to the step its text overlaps; a token that also holds the start of
+  the next step (a merged "\\n3") ends the prefix after it. Cost: one decode per prefix.
+  """
+  offsets = [len(decode(tokens[:j])) for j in range(len(tokens) + 1)]
+
+  def first_reaching(position: int) -> int:  # Fewest tokens whose text reaches it.
+    return next((j for j, n in enumerate(offsets) if n >= position), len(tokens))
+
+  return [TokenSpan(max(first_reaching(s.start + 1) - 1, 0), first_reaching(s.end),
+                    first_reaching(s.boundary)) for s in steps]
+
+
+def step_value(step: str) -> int | None:
+  """The value a step writes: the integer right after its last "=" ("7*2=4" -> 4,
+  "7+5+0=12 w2 c1" -> 12); None if there is none."""
+  equals = step.rfind("=")
+  match = _VALUE.match(step, equals + 1) if equals >= 0 else None
+  return int(match.group(1)) if match else None
+
+
+def exact_labels(completion: str, step_values: Sequence[int]) -> list[int]:
+  """1 for each step of `completion` whose value is the true one, else 0.
+
+  Step i is compared with step_values[i]; steps past the true chain's length, and steps
+  that write no value, are wrong. See the module docstring for the convention.
+  """
+  return [int(i < len(step_values) and step_value(step.text) == int(step_values[i]))
+          for i, step in enumerate(split_completion(completion))]
+
+
+def first_error(labels: Sequence[float | None]) -> int:
+  """Index of the first wrong step (a label below 0.5), or -1 if none (ProcessBench);
+  steps without a label (None) are skipped."""
+  return next((i for i, x in enumerate(labels) if x is not None and x < 0.5), -1)
