@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from typing import Any, Sequence
 
 from absl import flags
@@ -67,6 +68,18 @@ def write_results(name: str, results: dict[str, Any]) -> str:
   with open(path, "w") as f:
     json.dump({"environment": environment(), **results}, f, indent=2)
   return path
+
+
+def best_of(fn, repeats: int):
+  """(best seconds of `repeats` timed calls, the last result): one untimed call first,
+  which compiles."""
+  result = fn()
+  best = float("inf")
+  for _ in range(repeats):
+    begin = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - begin)
+  return best, result
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

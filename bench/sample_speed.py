@@ -114,13 +114,7 @@ def import_torch():
 
 
 def best_seconds(fn, repeats: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return common.best_of(fn, repeats)[0]
 
 
 def matmul_peak(n: int, repeats: int) -> float:

@@ -29,7 +29,6 @@ than re-prefilling. Prints Markdown tables, writes `bench/results/search_samplin
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from absl import app
 from absl import flags
@@ -55,17 +54,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: ks 4, prefix 32, 4 new to
                            "4 partials of 8 tokens, 2 steps of 4, 1 repeat.")
 
 
-def timed(fn, repeats: int):
-  """(best seconds, result): one untimed call compiles, then `repeats` timed calls."""
-  result = fn()
-  best = float("inf")
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    result = fn()
-    best = min(best, time.perf_counter() - begin)
-  return best, result
-
-
 def continuations(params, cfg, k, prefix, new, repeats):
   scfg = sampling.SamplingConfig(max_new_tokens=new, eos_id=-1, prompt_bucket=16,
                                  decode_segment=0)
@@ -80,8 +68,8 @@ def continuations(params, cfg, k, prefix, new, repeats):
     state = sampling.start(params, [prefix] * k, cfg, scfg)
     return [c.tokens for c in sampling.completions(state, scfg)]
 
-  fork_s, fork_out = timed(forked, repeats)
-  sep_s, sep_out = timed(separate, repeats)
+  fork_s, fork_out = common.best_of(forked, repeats)
+  sep_s, sep_out = common.best_of(separate, repeats)
   assert fork_out == sep_out, "forked and separate continuations differ"
   return {"k": k, "forked_seconds": fork_s, "separate_seconds": sep_s,
           "forked_tokens_per_second": k * new / fork_s,
@@ -109,8 +97,8 @@ def step_extension(params, cfg, prompts, steps, step_tokens, repeats):
         row += c.tokens
     return out
 
-  cont_s, cont_out = timed(continued, repeats)
-  re_s, re_out = timed(reprefill, repeats)
+  cont_s, cont_out = common.best_of(continued, repeats)
+  re_s, re_out = common.best_of(reprefill, repeats)
   assert cont_out == re_out, "continued and re-prefilled steps differ"
   return {"partials": len(prompts), "steps": steps, "step_tokens": step_tokens,
           "continued_seconds": cont_s, "reprefill_seconds": re_s, "speedup": re_s / cont_s}

@@ -10,6 +10,7 @@ import pytest
 
 from o3lite import errors
 from o3lite.model import transformer as model_lib
+from o3lite.sampling import choice
 from o3lite.sampling import decoding
 from o3lite.sampling import sampler as sampling
 
@@ -134,10 +135,10 @@ def test_sample_frequencies_match_the_softmax():
 def test_top_p_keeps_the_nucleus_only():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.8)
-  kept = np.asarray(decoding._filter_logits(logits, scfg)[0] > -1e29)
+  kept = np.asarray(choice.filter_logits(logits, scfg)[0] > -1e29)
   assert kept.tolist() == [True, True, False, False]
   scfg = sampling.SamplingConfig(max_new_tokens=1, eos_id=0, temperature=1.0, top_p=0.81)
-  kept = np.asarray(decoding._filter_logits(logits, scfg)[0] > -1e29)
+  kept = np.asarray(choice.filter_logits(logits, scfg)[0] > -1e29)
   assert kept.tolist() == [True, True, True, False]
 
 
@@ -187,7 +188,7 @@ def test_thinking_budget_forces_the_end_of_thinking():
 
 def _choose(logits_1xV, think_len, thinking, scfg, wait_pos=-1):
   """The token (and its log-prob) `decode` picks from these logits in this state."""
-  state = decoding.SamplingState(
+  state = choice.SamplingState(
       step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0),
       last_token_B=jnp.zeros((1,), jnp.int32), tokens_BxN=jnp.zeros((1, 4), jnp.int32),
       logprobs_BxN=jnp.zeros((1, 4)), num_new_B=jnp.zeros((1,), jnp.int32),
@@ -195,7 +196,7 @@ def _choose(logits_1xV, think_len, thinking, scfg, wait_pos=-1):
       thinking_B=jnp.array([thinking]), think_len_B=jnp.array([think_len], jnp.int32),
       wait_pos_B=jnp.array([wait_pos], jnp.int32), tail_BxL=jnp.full((1, 1), -1, jnp.int32),
       cache=None)
-  out = decoding._advance(state, logits_1xV, jnp.ones((1,), bool), scfg)
+  out = choice.advance(state, logits_1xV, jnp.ones((1,), bool), scfg)
   return int(out.last_token_B[0]), float(out.logprobs_BxN[0, 0]), int(out.wait_pos_B[0])
 
 

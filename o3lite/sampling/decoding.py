@@ -1,6 +1,7 @@
 """The sampler's compiled core: jitted prefill / extend, then a `lax.while_loop` decode
 on the explicit KV cache (donated), with states a caller can stop, fork and continue
-(search). `sampler.py` is the host side: token lists in, completions out.
+(search). `choice.py` holds the settings, the state and how each next token is chosen;
+`sampler.py` is the host side: token lists in, completions out.
 
 - Every row of the cache has its own end index (the next slot to write), so rows of one
   batch can be at different lengths. Prompts are right-padded to a length bucket (few
@@ -35,190 +36,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Sequence
 import warnings
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from o3lite import errors
 from o3lite.model import transformer as model_lib
-from o3lite.parallel import mesh as sharding_lib
+from o3lite.sampling import choice
+from o3lite.sampling.choice import STOP_NONE, SamplingConfig, SamplingState
 
-_NEG = -1e30
-STOP_NONE = -1  # `stop_B`: not stopped (still running, or ran to max_new_tokens).
-STOP_EOS = 0  # Stopped at EOS; 1 + i: stopped at `SamplingConfig.stops[i]`.
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """Static decode settings (hashable: part of the compiled function's identity)."""
-
-  max_new_tokens: int  # Tokens one call (a prefill or extend, then decode) may add per row.
-  eos_id: int
-  pad_id: int = 0
-  prompt_bucket: int = 16  # Prompt (and continuation) lengths are padded to a multiple.
-  temperature: float = 0.0  # 0 = greedy.
-  top_k: int = 0  # Keep the k most likely tokens; 0 = all.
-  top_p: float = 1.0  # Keep the smallest set with this much probability; 1 = all.
-  num_samples: int = 1  # Completions per prompt (consecutive rows of the output).
-  think_end_id: int = -1  # Token id of `</think>`; needed by the three settings below.
-  think_budget: int = 0  # Force `</think>` after this many thinking tokens; 0 = no cap.
-  min_think: int = 0  # Keep `</think>` and EOS from ending fewer thinking tokens.
-  # With min_think: an early `</think>` / EOS is replaced by these tokens (s1's "Wait")
-  # instead of being forbidden.
-  wait_ids: tuple[int, ...] = ()
-  # A row pauses when its latest tokens equal one of these token sequences (step
-  # delimiters, `</think>`); `stop_B` = 1 + its index. See stops.py for strings.
-  stops: tuple[tuple[int, ...], ...] = ()
-  # The KV cache grows by this many slots at a time during decoding, so attention reads
-  # about the filled part only; each segment is one more loop in the compiled program.
-  # 0 = one segment (the whole cache from the start).
-  decode_segment: int = 32
-
-  def __post_init__(self):
-    # Lists become tuples: the config must stay hashable.
-    object.__setattr__(self, "wait_ids", tuple(int(t) for t in self.wait_ids))
-    object.__setattr__(self, "stops", tuple(tuple(int(t) for t in s) for s in self.stops))
-    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-      raise errors.ConfigError(f"invalid sampling settings: temperature={self.temperature}, "
-                               f"top_k={self.top_k}, top_p={self.top_p}")
-    if self.num_samples < 1 or self.max_new_tokens < 1 or self.decode_segment < 0:
-      raise errors.ConfigError("num_samples and max_new_tokens must be at least 1, "
-                               "decode_segment at least 0")
-    if (self.think_budget or self.min_think or self.wait_ids) and self.think_end_id < 0:
-      raise errors.ConfigError("think_budget / min_think / wait_ids need think_end_id")
-    if self.wait_ids and not self.min_think:
-      raise errors.ConfigError("wait_ids replace an early </think>: they need min_think")
-    if any(not s for s in self.stops):
-      raise errors.ConfigError("an empty stop sequence: every stop needs a token")
-
-  @property
-  def segment(self) -> int:
-    """Slots the cache grows by per decode segment."""
-    return min(self.decode_segment or self.max_new_tokens, self.max_new_tokens)
-
-
-@flax.struct.dataclass
-class SamplingState:
-  """A batch of rows being sampled. Per call (prefill / extend, then decode): `step`,
-  `tokens_BxN`, `logprobs_BxN`, `num_new_B`; across calls: the rest."""
-
-  step: jax.Array  # int32 scalar: tokens chosen in this call so far.
-  rng: jax.Array  # This call's sampling key.
-  last_token_B: jax.Array  # The latest chosen token: not in the cache yet (pending).
-  tokens_BxN: jax.Array  # This call's tokens (pad once a row is done).
-  logprobs_BxN: jax.Array  # Their log-probabilities at the temperature (0 on padding).
-  num_new_B: jax.Array  # Tokens this call gave each row (a stop's own tokens included).
-  done_B: jax.Array  # Stopped (EOS or a stop): decode leaves the row alone.
-  stop_B: jax.Array  # STOP_NONE, STOP_EOS or 1 + the index of the stop it matched.
-  thinking_B: jax.Array  # No `</think>` yet.
-  think_len_B: jax.Array  # Tokens written while thinking (all calls).
-  wait_pos_B: jax.Array  # Index into `wait_ids` being forced; -1 = none.
-  tail_BxL: jax.Array  # The row's latest L tokens (L = longest stop; -1 = none yet).
-  cache: model_lib.Cache
-
-  @property
-  def batch_size(self) -> int:
-    return self.last_token_B.shape[0]
-
-
-def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """Temperature, then top-k, then top-p (nucleus) on the scaled logits."""
-  logits_BxV = logits_BxV / cfg.temperature
-  if cfg.top_k:
-    kth_B1 = jax.lax.top_k(logits_BxV, cfg.top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_B1, _NEG, logits_BxV)
-  if cfg.top_p < 1.0:
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Mass strictly before each sorted token; keep tokens whose prefix is < top_p.
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    kept_B = jnp.sum(before_BxV < cfg.top_p, axis=-1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
-    logits_BxV = jnp.where(logits_BxV < cutoff_B1, _NEG, logits_BxV)
-  return logits_BxV
-
-
-def _scale(cfg: SamplingConfig) -> float:
-  return cfg.temperature if cfg.temperature > 0 else 1.0
-
-
-def _tail_len(cfg: SamplingConfig) -> int:
-  return max([len(s) for s in cfg.stops], default=1)
-
-
-def _matched_stop(tail_BxL: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """1 + the index of the first stop the row's latest tokens end with, else STOP_NONE."""
-  if not cfg.stops:
-    return jnp.full(tail_BxL.shape[:1], STOP_NONE, jnp.int32)
-  L = tail_BxL.shape[1]
-  stops_MxL = np.full((len(cfg.stops), L), -1, np.int32)  # Right-aligned.
-  for m, s in enumerate(cfg.stops):
-    stops_MxL[m, L - len(s):] = s
-  used_MxL = stops_MxL >= 0
-  hit_BxM = jnp.all((tail_BxL[:, None, :] == stops_MxL[None]) | ~used_MxL[None], axis=-1)
-  return jnp.where(hit_BxM.any(-1), 1 + jnp.argmax(hit_BxM, axis=-1), STOP_NONE).astype(
-      jnp.int32)
-
-
-def _push(tail_BxL: jax.Array, tokens_BxT: jax.Array, length_B: jax.Array) -> jax.Array:
-  """The latest L tokens after appending each row's first length_B[b] tokens."""
-  L = tail_BxL.shape[1]
-  joined = jnp.concatenate([tail_BxL, tokens_BxT.astype(tail_BxL.dtype)], axis=1)
-  return jnp.take_along_axis(joined, length_B[:, None] + jnp.arange(L)[None], axis=1)
-
-
-def _advance(s: SamplingState, logits_BxV: jax.Array, active_B: jax.Array,
-             cfg: SamplingConfig) -> SamplingState:
-  """Chooses the next token of every active row from its logits and records it."""
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32) / _scale(cfg), axis=-1)
-  early_B = s.thinking_B & (s.think_len_B < cfg.min_think)
-  if cfg.min_think and not cfg.wait_ids:  # Forbid ending the thought early.
-    banned_V = jnp.zeros(logits_BxV.shape[-1], bool).at[
-        jnp.array([cfg.think_end_id, cfg.eos_id])].set(True)
-    logits_BxV = jnp.where(early_B[:, None] & banned_V, _NEG, logits_BxV)
-  if cfg.temperature == 0.0:
-    next_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  else:
-    key = jax.random.fold_in(s.rng, s.step)
-    next_B = jax.random.categorical(key, _filter_logits(logits_BxV, cfg)).astype(jnp.int32)
-  wait_pos_B = s.wait_pos_B
-  if cfg.wait_ids:  # Replace an early end by "Wait", one token per step.
-    wait_W = jnp.array(cfg.wait_ids, jnp.int32)
-    W = len(cfg.wait_ids)
-    forcing_B = wait_pos_B >= 0
-    next_B = jnp.where(forcing_B, wait_W[jnp.maximum(wait_pos_B, 0)], next_B)
-    begin_B = ~forcing_B & early_B & ((next_B == cfg.think_end_id) | (next_B == cfg.eos_id))
-    next_B = jnp.where(begin_B, wait_W[0], next_B)
-    wait_pos_B = jnp.where(begin_B, 1, jnp.where(forcing_B, wait_pos_B + 1, -1))
-    wait_pos_B = jnp.where(wait_pos_B >= W, -1, wait_pos_B)
-  if cfg.think_budget:
-    next_B = jnp.where(s.thinking_B & (s.think_len_B >= cfg.think_budget), cfg.think_end_id,
-                       next_B)
-  logprob_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
-  next_B = jnp.where(active_B, next_B, cfg.pad_id)
-  logprob_B = jnp.where(active_B, logprob_B, 0.0)
-  tail_BxL = jnp.where(active_B[:, None],
-                       jnp.concatenate([s.tail_BxL[:, 1:], next_B[:, None]], 1), s.tail_BxL)
-  matched_B = _matched_stop(tail_BxL, cfg)
-  eos_B = active_B & (next_B == cfg.eos_id)
-  stopped_B = active_B & (matched_B != STOP_NONE)
-  return s.replace(
-      step=s.step + 1,
-      last_token_B=jnp.where(active_B, next_B, s.last_token_B),
-      tokens_BxN=jax.lax.dynamic_update_slice(s.tokens_BxN, next_B[:, None], (0, s.step)),
-      logprobs_BxN=jax.lax.dynamic_update_slice(s.logprobs_BxN, logprob_B[:, None],
-                                                (0, s.step)),
-      num_new_B=s.num_new_B + active_B,
-      done_B=s.done_B | eos_B | stopped_B,
-      stop_B=jnp.where(eos_B, STOP_EOS, jnp.where(stopped_B, matched_B, s.stop_B)),
-      think_len_B=s.think_len_B + (active_B & s.thinking_B),
-      thinking_B=s.thinking_B & ~(active_B & (next_B == cfg.think_end_id)),
-      wait_pos_B=jnp.where(active_B, wait_pos_B, s.wait_pos_B),
-      tail_BxL=tail_BxL)
 
 
 def _new_call(s: SamplingState, rng: jax.Array, cfg: SamplingConfig) -> SamplingState:
@@ -243,7 +69,7 @@ def _prompt_state(params, prompt_BxP, feed_len_B, pending_B, rng, capacity: int,
   logits_Bx1xV, cache = model_lib.Transformer(model_cfg).apply(
       {"params": params}, prompt_BxP, positions_BxP, segments_BxP, cache,
       fresh_cache=True, logits_index_B=jnp.maximum(feed_len_B - 1, 0))
-  L = _tail_len(cfg)
+  L = choice.tail_len(cfg)
   tail_len_B = feed_len_B if tail_len_B is None else tail_len_B
   index_BxL = tail_len_B[:, None] - L + jnp.arange(L)[None]
   tail_BxL = jnp.where(index_BxL >= 0, jnp.take_along_axis(
@@ -280,7 +106,7 @@ def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Arr
   if S > 1:  # The samples share the prompt's cache rows.
     rows = jnp.repeat(jnp.arange(B), S)
     state, last_BxV = _take_rows(state, rows), last_BxV[rows]
-  return _advance(state, last_BxV, jnp.ones((B * S,), bool), sampling_cfg)
+  return choice.advance(state, last_BxV, jnp.ones((B * S,), bool), sampling_cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity"))
@@ -337,7 +163,8 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
                                   axis=1) if score else logits_BxTxV)[:, 0]
   logprobs_BxT = jnp.zeros((B, T), jnp.float32)
   if score:  # Logits at fed token t score fed token t + 1.
-    lp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :T] / _scale(cfg), axis=-1)
+    lp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :T] / choice.temperature_scale(cfg),
+                                  axis=-1)
     next_lp_BxT = jnp.take_along_axis(lp_BxTxV, fed_BxT1[:, 1:, None], axis=-1)[..., 0]
     shifted_BxT = jnp.concatenate([jnp.full((B, 1), jnp.nan), next_lp_BxT[:, :T - 1]], 1)
     logprobs_BxT = jnp.where(feed_last_B[:, None], next_lp_BxT, shifted_BxT)
@@ -351,8 +178,8 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
       stop_B=jnp.where(active_B, STOP_NONE, state.stop_B),
       think_len_B=state.think_len_B + jnp.sum(valid_BxT & thinking_BxT, axis=1),
       thinking_B=state.thinking_B & ~ends_BxT.any(axis=1),
-      tail_BxL=_push(state.tail_BxL, new_BxT, new_len_B))
-  return _advance(s, last_BxV, active_B, cfg), logprobs_BxT
+      tail_BxL=choice.push(state.tail_BxL, new_BxT, new_len_B))
+  return choice.advance(s, last_BxV, active_B, cfg), logprobs_BxT
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"),
@@ -378,7 +205,7 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
     logits_Bx1xV, cache = model.apply(
         {"params": params}, s.last_token_B[:, None], s.cache["end_index"][:, None],
         active_B[:, None].astype(jnp.int32), s.cache)
-    return _advance(s.replace(cache=cache), logits_Bx1xV[:, 0], active_B, cfg)
+    return choice.advance(s.replace(cache=cache), logits_Bx1xV[:, 0], active_B, cfg)
 
   slots = state.cache["segment_ids"].shape[1]
   segments = -(-cfg.max_new_tokens // cfg.segment)

@@ -30,7 +30,7 @@ from o3lite import errors
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.sampling import decoding
-from o3lite.sampling.decoding import STOP_EOS, STOP_NONE, SamplingConfig, SamplingState
+from o3lite.sampling.choice import STOP_EOS, STOP_NONE, SamplingConfig, SamplingState
 
 __all__ = ["STOP_EOS", "STOP_NONE", "SamplingConfig", "SamplingState", "Completion",
            "pad_prompts", "sample", "generate", "start", "prime", "fork", "continue_",
