@@ -23,6 +23,7 @@ setuptools.setup(
         "ml-collections>=1.0",
         "chex>=0.1.88",
         "tensorboardX>=2.6",
+        "matplotlib>=3.7",  # Reliability diagrams, accuracy-against-compute curves.
         "numpy",
         "absl-py",
     ],

@@ -37,7 +37,9 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
 
 def _default_workdir(config) -> str:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  name = config.method if config.method != "sft" else f"sft-{config.data.task}"
+  name = {"sft": f"sft-{config.data.task}",
+          "verifier": config.get("verifier", {}).get("kind", "verifier")}.get(
+              config.method, config.method)
   return os.path.join("runs", f"{name}-{stamp}")
 
 
@@ -69,6 +71,7 @@ def main(argv):
   from o3lite import errors
   from o3lite.rl import run as rl_run
   from o3lite.training import sft
+  from o3lite.verifiers import run as verifier_run
 
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # The file did not load.
@@ -78,7 +81,7 @@ def main(argv):
     sys.exit(1)
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl}
+  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl, "verifier": verifier_run.run_verifier}
   if config.method not in runners:
     errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:

@@ -18,7 +18,7 @@ CONFIG_FILES = sorted(
 
 def test_there_are_configs():
   assert {"sft", "sft_answer_only", "sft_addition", "sft_multiplication", "rl", "grpo",
-          "rl_qwen_gsm8k"} <= set(CONFIG_FILES)
+          "rl_qwen_gsm8k", "orm", "prm"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -35,6 +35,9 @@ def test_config_builds(name):
     rows = config.rl.prompts_per_step * config.rl.group_size
     assert rows % config.rl.minibatch_size == 0
     rl_trainer.validate(config)  # The whole check a run makes before any work.
+  elif config.method == "verifier":
+    from o3lite.verifiers import run as verifier_run  # pylint: disable=g-import-not-at-top
+    verifier_run.validate(config)
   else:
     trainer.validate(config)
   config.lock()

@@ -1,0 +1,78 @@
+"""A process reward model (PRM) of the tiny policy's own solutions, end to end.
+
+  python -m o3lite.train --config=configs/prm.py [--workdir=DIR] [--config.verifier.a=value]
+
+With `verifier.policy` empty it first trains the policy (the SFT warm start of
+configs/rl.py: imperfect chains, so it makes real mistakes) in DIR/policy, then samples
+its solutions to training problems, labels every step (Monte Carlo, Math-Shepherd, by
+default), trains the PRM (the policy's trunk + a scalar head, binary cross-entropy at
+every step's last token) and judges it on held-out solutions against exact step labels:
+DIR/eval.json, DIR/reliability.png. Every field is commented; a typo is an error.
+"""
+
+import ml_collections
+
+from configs import rl
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = rl.get_config()  # The policy's sections (model, data, train, optimizer, mesh, eval).
+  del c["rl"]
+  c.method = "verifier"  # Which trainer runs this config.
+  c.eval.num_samples = 0  # The policy's own held-out evaluation: greedy only.
+
+  v = c.verifier = ml_collections.ConfigDict()
+  v.kind = "prm"  # prm (a score per step) | orm (a score per solution).
+  # The policy whose solutions are labelled: an o3lite run folder; "" = SFT in DIR/policy.
+  v.policy = ""
+  # The verifier's trunk: another run folder's policy, or a local HF folder; "" (both) =
+  # the policy's.
+  v.init_from = ""
+  v.init_from_hf = ""
+  # Labelled JSONL files (o3lite.verifiers.label_files) to train / evaluate on instead of
+  # sampling and labelling into DIR/labels/ ("" = make them).
+  v.labels = ""
+  v.eval_labels = ""
+
+  # Solutions: the first num_problems training problems (eval_problems of eval.split for
+  # the held-out judgement), samples_per_problem each.
+  v.num_problems = 1000
+  v.eval_problems = 200
+  v.samples_per_problem = 4
+  v.temperature = 1.0  # Sampling temperature of the solutions.
+  v.max_new_tokens = 48  # Cap on solution tokens.
+  v.sample_batch_size = 64  # Problems per sampler call.
+  v.prompt_bucket = 32  # Prompt lengths are padded to a multiple of this.
+  v.seed = 0  # Sampling seed (the held-out solutions use seed + 1).
+
+  # Step labels (o3lite.verifiers.labellers): exact | monte_carlo | outcome; held-out
+  # solutions always get exact labels where the task has them.
+  v.labeller = "monte_carlo"
+  v.consensus_with = ""  # "" | exact | outcome: keep only labels both labellers give.
+  v.monte_carlo = ml_collections.ConfigDict({
+      "k": 8,  # Completions per step prefix.
+      "temperature": 1.0,  # Their sampling temperature.
+      "max_new_tokens": 48,  # Tokens each may add after its prefix.
+      "batch_size": 32,  # Step prefixes per sampler call (x k rows).
+      "seed": 0,
+      "prompt_bucket": 16,  # Prefix lengths are padded to a multiple of this.
+  })
+  v.soft_labels = False  # Train on the Monte Carlo fractions instead of the hard labels.
+
+  # Training (the one train step and loop; the same optimizer fields as `optimizer`).
+  v.loss = "bce"  # bce | bradley_terry (orm only: correct vs wrong pairs of a question).
+  v.seq_len = 96  # Tokens per row: prompt + solution + EOS (a longer one is an error).
+  v.batch_size = 32  # Solutions per step.
+  v.num_steps = 300
+  v.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 1e-3, "warmup_steps": 30, "final_lr_fraction": 0.1,
+      "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 0.01})
+  v.log_every = 50  # Steps between console lines.
+  v.checkpoint_every = 100
+  v.keep_checkpoints = 2
+  v.max_nonfinite_in_a_row = 10
+
+  # Held-out judgement.
+  v.eval_batch_size = 64  # Solutions scored per call.
+  v.threshold = 0.5  # A step (solution) scored below this is called wrong.
+  return c

@@ -1,0 +1,272 @@
+"""Reward models on the o3lite transformer: the outcome (ORM) and process (PRM) verifiers,
+their rows, their registered losses, and a `Verifier` that scores solutions.
+
+A verifier is the policy's trunk with a scalar head (`model.heads.ScalarHead`, params
+`{"verifier": {"trunk", "head", "bias"}}`): a logit z_t per position, read as
+p_t = sigmoid(z_t) at chosen positions of the row prompt + solution + EOS:
+
+  ORM  (Cobbe et al. 2021; Lightman et al. 2023)  one read, at the EOS after the solution:
+       P(final answer correct | question, solution)
+  PRM  (Lightman et al. 2023, "Let's Verify Step by Step"; Math-Shepherd)  one read at the
+       last token of each step: P(step i correct | question, steps 1..i), every step of a
+       solution in one forward pass (the causal mask keeps later steps out of each read)
+
+Rows (`encode`, `rows`): one solution per row, left-aligned, [B, T] arrays
+  inputs, positions, segment_ids   as in SFT (segment 1 on tokens, 0 on padding)
+  labels        float label in [0, 1] at each read position (0 elsewhere)
+  label_mask    1 at read positions that carry a label (an unlabelled step: 0)
+Pairs for Bradley-Terry carry the rejected solution's rows under "rejected_*" keys, so
+the train step's microbatches keep pairs together.
+
+Losses (registered in `training.losses.LOSSES`, run by the one train step):
+  verifier_bce            sum_{t: m_t = 1} BCE(sigmoid(z_t), y_t) / sum_t m_t, y soft or
+                          hard (Math-Shepherd trains on both)
+  verifier_bradley_terry  -log sigmoid(r_chosen - r_rejected) per pair, r the logit at
+                          the last read position (Bradley & Terry 1952; InstructGPT's RM)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.model import heads
+from o3lite.model import transformer as model_lib
+from o3lite.parallel import mesh as sharding_lib
+from o3lite.training import losses
+from o3lite.training import state as state_lib
+from o3lite.verifiers import steps as steps_lib
+
+KINDS = ("orm", "prm")
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One solution as a verifier row: `tokens` = prompt + solution + EOS, `reads` the
+  positions whose score is read (each step's last token, or the EOS), `labels` one per
+  read (None: unlabelled)."""
+
+  tokens: list[int]
+  reads: list[int]
+  labels: list[float | None]
+
+
+def step_ends(solution: str, steps: Sequence[str]) -> list[int]:
+  """Character offset just past each step of `solution`, each found after the last."""
+  ends, at = [], 0
+  for i, step in enumerate(steps):
+    found = solution.find(step, at)
+    if found < 0:
+      raise errors.DataError(f"step {i} {step[:40]!r} is not in the solution")
+    at = found + len(step)
+    ends.append(at)
+  return ends
+
+
+def encode(question: str, solution: str, tokenizer: Any, kind: str,
+           steps: Sequence[str] | None = None,
+           labels: Sequence[float | None] | None = None) -> Encoded:
+  """The verifier row of `solution` to `question`.
+
+  PRM: a read at the last token of each step (`steps`, default the solution's own
+  `split_completion`), located in the tokens by their decoded text (a token that ends a
+  step's text is its last token); ORM: one read, at the EOS. `labels`: one per step for a
+  PRM, one (or one per step, the last taken) for an ORM; None leaves them unlabelled.
+  """
+  if kind not in KINDS:
+    raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
+  prompt = tokenizer.encode(formatting.format_prompt(question))
+  written = tokenizer.encode(solution)
+  tokens = prompt + written + [tokenizer.eos_id]
+  if kind == "orm":
+    label = None if not labels else labels[-1]
+    return Encoded(tokens, [len(tokens) - 1], [label])
+  text = tokenizer.decode(written)
+  steps = [s.text for s in steps_lib.split_completion(solution)] if steps is None else steps
+  try:
+    ends = step_ends(text, steps)
+  except errors.DataError as e:
+    raise errors.DataError(f"{e} once tokenized and decoded: the tokenizer cannot place "
+                           "its steps") from None
+  offsets = np.array([len(tokenizer.decode(written[:j])) for j in range(len(written) + 1)])
+  # The fewest tokens whose text reaches the step's end; the last of them is read.
+  reads = [len(prompt) + int(np.argmax(offsets >= end)) - 1 for end in ends]
+  labels = [None] * len(steps) if labels is None else list(labels)
+  if len(labels) != len(steps):
+    raise errors.DataError(f"{len(labels)} labels for {len(steps)} steps")
+  return Encoded(tokens, reads, labels)
+
+
+def rows(encoded: Sequence[Encoded], seq_len: int, pad_id: int,
+         batch_size: int | None = None) -> Batch:
+  """[B, seq_len] arrays of `encoded` (B = batch_size, padded with empty rows)."""
+  B = len(encoded) if batch_size is None else batch_size
+  out = {"inputs": np.full((B, seq_len), pad_id, np.int32),
+         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy(),
+         "segment_ids": np.zeros((B, seq_len), np.int32),
+         "labels": np.zeros((B, seq_len), np.float32),
+         "label_mask": np.zeros((B, seq_len), np.float32)}
+  for b, e in enumerate(encoded):
+    if len(e.tokens) > seq_len:
+      raise errors.ConfigError(f"a solution of {len(e.tokens)} tokens (prompt + solution "
+                               f"+ EOS) does not fit the verifier's seq_len {seq_len}")
+    out["inputs"][b, :len(e.tokens)] = e.tokens
+    out["segment_ids"][b, :len(e.tokens)] = 1
+    for t, y in zip(e.reads, e.labels):
+      if y is not None:
+        out["labels"][b, t], out["label_mask"][b, t] = y, 1.0
+  return out
+
+
+def pair_rows(chosen: Sequence[Encoded], rejected: Sequence[Encoded], seq_len: int,
+              pad_id: int) -> Batch:
+  """Bradley-Terry rows: the chosen solutions' arrays, and the rejected ones' under
+  "rejected_*"; the read of each row is its EOS (label_mask 1 there)."""
+  mark = lambda es: [Encoded(e.tokens, e.reads[-1:], [1.0]) for e in es]
+  out = rows(mark(chosen), seq_len, pad_id)
+  out.update({f"rejected_{k}": v for k, v in rows(mark(rejected), seq_len, pad_id).items()
+              if k != "labels"})
+  return out
+
+
+def logits(params, batch: Batch, model_cfg: model_lib.ModelConfig, prefix: str = ""
+           ) -> jax.Array:
+  """The verifier's logit at every position, [B, T] fp32."""
+  return heads.ScalarHead(model_cfg).apply(
+      {"params": params}, batch[prefix + "inputs"], batch[prefix + "positions"],
+      batch[prefix + "segment_ids"]).astype(jnp.float32)
+
+
+@losses.register_loss("verifier_bce")
+def verifier_bce(model_cfg: model_lib.ModelConfig) -> Callable:
+  """Binary cross-entropy at the read positions (ORM: the EOS; PRM: every step's end):
+
+    L = sum_t m_t * [-y_t log sigmoid(z_t) - (1 - y_t) log(1 - sigmoid(z_t))] / sum_t m_t
+
+  with y_t in [0, 1] (hard 0 / 1 labels, or Math-Shepherd's soft Monte Carlo fractions).
+  Metrics: accuracy (z_t > 0 iff y_t >= 0.5) and the mean predicted probability.
+  """
+
+  def loss_fn(params, frozen, batch: Batch) -> losses.LossSums:
+    del frozen
+    z_BxT = logits(params["verifier"], batch, model_cfg)
+    y_BxT, m_BxT = batch["labels"], batch["label_mask"]
+    bce_BxT = optax.sigmoid_binary_cross_entropy(z_BxT, y_BxT)
+    count = jnp.sum(m_BxT)
+    right = ((z_BxT > 0) == (y_BxT >= 0.5)).astype(jnp.float32)
+    return losses.LossSums(jnp.sum(bce_BxT * m_BxT), count, {
+        "accuracy": (jnp.sum(right * m_BxT), count),
+        "mean_probability": (jnp.sum(jax.nn.sigmoid(z_BxT) * m_BxT), count)})
+
+  return loss_fn
+
+
+@losses.register_loss("verifier_bradley_terry")
+def verifier_bradley_terry(model_cfg: model_lib.ModelConfig) -> Callable:
+  """Pairwise preference loss on (chosen, rejected) solutions of one question:
+
+    L = sum_pairs -log sigmoid(r_c - r_r) / #pairs,   r = z at the row's read (EOS)
+
+  Metric: pair accuracy (r_c > r_r). Rows with no read (padding) are not pairs.
+  """
+
+  def loss_fn(params, frozen, batch: Batch) -> losses.LossSums:
+    del frozen
+    read = lambda prefix: jnp.sum(logits(params["verifier"], batch, model_cfg, prefix)
+                                  * batch[prefix + "label_mask"], axis=1)
+    margin_B = read("") - read("rejected_")
+    valid_B = jnp.minimum(jnp.sum(batch["label_mask"], axis=1),
+                          jnp.sum(batch["rejected_label_mask"], axis=1))
+    count = jnp.sum(valid_B)
+    return losses.LossSums(jnp.sum(-jax.nn.log_sigmoid(margin_B) * valid_B), count, {
+        "accuracy": (jnp.sum((margin_B > 0) * valid_B), count),
+        "margin": (jnp.sum(margin_B * valid_B), count)})
+
+  return loss_fn
+
+
+def state_spec(model_cfg: model_lib.ModelConfig, tx, mesh, rules) -> state_lib.StateSpec:
+  """The verifier's train state: one trainable tree, {"verifier": ScalarHead params}."""
+  return state_lib.StateSpec(
+      lambda rng: ({"verifier": heads.init_scalar_head(model_cfg, rng)}, {}), tx, mesh, rules)
+
+
+def from_policy(spec: state_lib.StateSpec, policy_params, seed: int):
+  """A verifier state whose trunk is a copy of `policy_params`, head and bias zero (every
+  first prediction is 0.5)."""
+  shardings = spec.shardings.params["verifier"]
+  abstract = spec.abstract.params["verifier"]
+  zeros = lambda name: jax.device_put(jnp.zeros(abstract[name].shape, abstract[name].dtype),
+                                      shardings[name])
+  return spec.around({"verifier": {"trunk": policy_params, "head": zeros("head"),
+                                   "bias": zeros("bias")}}, {}, seed)
+
+
+class Verifier:
+  """A reward model ready to score solutions: its params (the ScalarHead tree), model
+  config, tokenizer and kind. Rows go `batch_size` at a time at one compiled shape
+  [batch_size, seq_len] (on a mesh, split over its batch axes).
+
+    verifier.score_steps(examples, solutions)     PRM: a probability per step
+    verifier.score_outcomes(examples, solutions)  ORM: P(correct); PRM: its last step's
+  """
+
+  def __init__(self, params, model_cfg: model_lib.ModelConfig, tokenizer: Any, kind: str,
+               seq_len: int, batch_size: int = 32, mesh=None, rules=None):
+    if kind not in KINDS:
+      raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
+    self.params, self.model_cfg, self.tokenizer, self.kind = params, model_cfg, tokenizer, kind
+    self.seq_len, self.mesh, self.rules = seq_len, mesh, rules
+    shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, rules)
+    self.batch_size = -(-batch_size // shards) * shards
+    probability = lambda p, b: jax.nn.sigmoid(logits(p, b, model_cfg))
+    if mesh is None:
+      self._probability = jax.jit(probability)
+    else:
+      self._batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+      self._probability = jax.jit(probability, out_shardings=None)
+    self.tokens_scored = 0  # Solution + prompt tokens through the model (compute accounting).
+
+  def _probabilities(self, encoded: Sequence[Encoded]) -> list[list[float]]:
+    out = []
+    for begin in range(0, len(encoded), self.batch_size):
+      chunk = encoded[begin:begin + self.batch_size]
+      batch = rows(chunk, self.seq_len, self.tokenizer.pad_id, self.batch_size)
+      batch = {k: batch[k] for k in ("inputs", "positions", "segment_ids")}
+      if self.mesh is None:
+        p_BxT = self._probability(self.params, batch)
+      else:
+        with sharding_lib.activation_sharding(self.mesh, self.rules):
+          p_BxT = self._probability(
+              self.params, sharding_lib.put_global_batch(batch, self._batch_sharding))
+      p_BxT = np.asarray(jax.device_get(p_BxT))
+      out += [[float(p_BxT[b, t]) for t in e.reads] for b, e in enumerate(chunk)]
+      self.tokens_scored += sum(len(e.tokens) for e in chunk)
+    return out
+
+  def score_steps(self, examples: Sequence[dict], solutions: Sequence[str]
+                  ) -> list[list[float]]:
+    """P(step i correct | question, steps 1..i) for every step of each solution (its
+    `split_completion`), one forward pass per solution."""
+    if self.kind != "prm":
+      raise errors.ConfigError("an outcome reward model scores whole solutions "
+                               "(score_outcomes), not steps")
+    return self._probabilities([encode(e["question"], s, self.tokenizer, "prm")
+                                for e, s in zip(examples, solutions)])
+
+  def score_outcomes(self, examples: Sequence[dict], solutions: Sequence[str]
+                     ) -> list[float]:
+    """P(the solution's answer is correct): the ORM's read at the EOS; for a PRM, the
+    score of the last step (0.5 for a solution without steps: no evidence)."""
+    if self.kind == "orm":
+      return [p[0] for p in self._probabilities(
+          [encode(e["question"], s, self.tokenizer, "orm") for e, s in zip(examples, solutions)])]
+    return [p[-1] if p else 0.5 for p in self.score_steps(examples, solutions)]
