@@ -80,6 +80,16 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 and is counted.
   c.rl.reward_timeout_s = 5.0
 
+  # Process rewards: a frozen PRM (a verifier run folder, configs/prm.py) scores every
+  # sampled step; its reward sits at the step's last token, added to the outcome rewards
+  # above (set rl.rewards.correctness=0 for process rewards alone).
+  c.rl.process_reward = ml_collections.ConfigDict({
+      "verifier": "",  # The PRM's run folder; "" = no process rewards.
+      "weight": 1.0,  # Scale of the step rewards.
+      "mode": "score",  # score (r_i = p_i) | difference (r_i = p_i - p_{i-1}, p_0 = 0).
+      "batch_size": 64,  # Completions per PRM call.
+  })
+
   c.rl.log_every = 10  # Steps between console lines (metrics.jsonl gets every step).
   c.rl.eval_every = 50  # Steps between held-out evaluations (0 = before and after only).
   c.rl.checkpoint_every = 10  # Steps between checkpoints.

@@ -8,6 +8,8 @@ chose), 0 on prompt and padding. Log-probabilities are of the token actually tak
   KL estimators         KL_ESTIMATORS[name](logp, ref_logp) -> kl     (per token)
   loss aggregation      AGGREGATIONS[name](loss_BxT, mask_BxT) -> (sum, count)
                         (the train step adds both over microbatches, then divides)
+  process rewards       step_rewards(prm_scores, mode), process_advantages(...) (a PRM's
+                        dense reward per step: in gae's token rewards, or GRPO-normalized)
 
 Every function works on numpy or jax arrays and inside `jit`.
 """
@@ -15,7 +17,7 @@ Every function works on numpy or jax arrays and inside `jit`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +156,45 @@ def rloo(inputs: AdvantageInputs, cfg: RLAlgoConfig):
   adv_GxN = (r_GxN.sum(axis=1, keepdims=True) - r_GxN) / (n - 1)
   adv_GxN = r_GxN - adv_GxN
   return _broadcast(adv_GxN.reshape(-1), inputs.mask_BxT), None
+
+
+# Process rewards: a reward per step (a PRM's), at the step's last token.
+
+
+def step_rewards(probabilities: Sequence[float], mode: str) -> list[float]:
+  """Dense rewards of one completion's steps from a PRM's step scores p_1..p_n:
+
+    score       r_i = p_i                       (Math-Shepherd's step-by-step PPO)
+    difference  r_i = p_i - p_{i-1}, p_0 = 0    (the change the step makes; sums to p_n)
+  """
+  if mode == "score":
+    return [float(p) for p in probabilities]
+  if mode == "difference":
+    return [float(p - q) for p, q in zip(probabilities, [0.0, *probabilities[:-1]])]
+  raise errors.ConfigError(f"process reward mode {mode!r}: expected 'score' or 'difference'")
+
+
+def process_advantages(step_rewards_BxT, step_mask_BxT, mask_BxT, group_size: int,
+                       eps: float = 1e-6):
+  """GRPO with process supervision (Shao et al. 2024, DeepSeekMath, section 4.1.3): each
+  step reward is normalized over all steps of its group,
+
+    r~_j = (r_j - mean(R_group)) / (std(R_group) + eps),
+
+  and a token's advantage is the sum of the normalized rewards of the steps that end at
+  or after it: A_t = sum_{j: end(j) >= t} r~_j. Step rewards sit at their steps' last
+  tokens (`step_mask_BxT` 1 there); rows with no steps get 0.
+  """
+  r_BxT, m_BxT = jnp.asarray(step_rewards_BxT), jnp.asarray(step_mask_BxT)
+  B, T = r_BxT.shape
+  r_GxNT = r_BxT.reshape(-1, group_size * T)
+  m_GxNT = m_BxT.reshape(-1, group_size * T)
+  n_G = jnp.maximum(m_GxNT.sum(axis=1, keepdims=True), 1.0)
+  mean_G = (r_GxNT * m_GxNT).sum(axis=1, keepdims=True) / n_G
+  var_G = (((r_GxNT - mean_G) ** 2) * m_GxNT).sum(axis=1, keepdims=True) / n_G
+  normed_BxT = ((r_GxNT - mean_G) / (jnp.sqrt(var_G) + eps) * m_GxNT).reshape(B, T)
+  to_go_BxT = jnp.flip(jnp.cumsum(jnp.flip(normed_BxT, axis=1), axis=1), axis=1)
+  return to_go_BxT * jnp.asarray(mask_BxT)
 
 
 # ---------------------------------------------------------------------------------------

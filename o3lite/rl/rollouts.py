@@ -85,9 +85,13 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
             else np.ones(want, bool))
     stats["dropped_groups"] += int(np.sum(~keep))
     correct = np.asarray(scores.parts.get("correctness", [np.nan] * len(total)))
+    steps = [None] * len(total)
+    if getattr(run, "prm", None) is not None:  # The frozen PRM: scores per step.
+      steps = run.prm.score_sampled([p for p, group in groups for _ in group],
+                                    [c.tokens for _, group in groups for c in group])
     for g, (prompt, group) in enumerate(groups):
       record = {"prompt": prompt, "group": group, "scores": total[g * G:(g + 1) * G],
-                "correct": correct[g * G:(g + 1) * G]}
+                "correct": correct[g * G:(g + 1) * G], "steps": steps[g * G:(g + 1) * G]}
       if round_index == 0:
         first_round.append(record)
       if keep[g]:
@@ -111,14 +115,34 @@ def score_in_minibatches(score_fn, state, batch, size: int, batch_sharding):
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def process_rewards(groups: Sequence[dict], mask: np.ndarray, mode: str
+                    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+  """(step rewards [B, T] at each step's last token in the learner's target positions,
+  their mask, every PRM step score) of groups sampled with a PRM (`record["steps"]`)."""
+  rewards, where, scores = np.zeros_like(mask), np.zeros_like(mask), []
+  rows = [(r["prompt"], s) for r in groups for s in r["steps"]]
+  for b, (prompt, (ends, probs)) in enumerate(rows):
+    for end, r in zip(ends, alg.step_rewards(probs, mode)):
+      t = len(prompt) - 1 + end  # The target position of completion token `end`.
+      rewards[b, t] += r
+      where[b, t] = 1.0
+    scores += list(probs)
+  return rewards, where, scores
+
+
 def learner_batch(groups: Sequence[dict], state, score_fn, algo: alg.RLAlgoConfig,
-                  seq_len: int, minibatch_size: int, tokenizer, batch_sharding
+                  seq_len: int, minibatch_size: int, tokenizer, batch_sharding,
+                  process: tuple[float, str] | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """The learner's minibatch arrays for sampled groups (see `learner`): rollout rows,
   the learner's log-probs (old and reference) and values, per-token rewards (the score
   on the last completion token, minus the KL penalty where `kl_in_reward`), advantages
   and returns. Also returns what the step logs: scores, correctness, per-token KL,
-  entropy and the sampler / learner log-prob gap of each row."""
+  entropy and the sampler / learner log-prob gap of each row.
+
+  `process` = (weight, mode) adds a PRM's step rewards (`alg.step_rewards`): to gae's
+  per-token rewards at each step's last token, or, for the group estimators, as
+  `weight` x the process advantages of `alg.process_advantages` (DeepSeekMath)."""
   advantage_fn = alg.ADVANTAGES[algo.advantage]
   kl_estimator = alg.KL_ESTIMATORS[algo.kl_estimator]
   prompts, completions, finished, sampler_logp = [], [], [], []
@@ -150,15 +174,27 @@ def learner_batch(groups: Sequence[dict], state, score_fn, algo: alg.RLAlgoConfi
   token_rewards[np.arange(len(prompts)), last] = scores_B
   if algo.kl_coef and algo.kl_in_reward:
     token_rewards = token_rewards - algo.kl_coef * kl_BxT
+  prm_scores = None
+  if process is not None:
+    weight, mode = process
+    step_r, step_m, prm_scores = process_rewards(groups, mask, mode)
+    if algo.uses_critic:
+      token_rewards = token_rewards + weight * step_r
   values = scored.get("values", np.zeros_like(mask))
   adv, returns = advantage_fn(alg.AdvantageInputs(scores_B, token_rewards, values, mask),
                               algo)
   adv, returns = np.asarray(adv, np.float32), (None if returns is None
                                                else np.asarray(returns, np.float32))
+  if process is not None and not algo.uses_critic:
+    adv = adv + weight * np.asarray(alg.process_advantages(step_r, step_m, mask,
+                                                           algo.group_size, algo.eps),
+                                    np.float32)
   batch.update(old_logp=scored["logp"].astype(np.float32),
                ref_logp=scored["ref_logp"].astype(np.float32), advantages=adv)
   if algo.uses_critic:
     batch.update(returns=returns, old_values=values.astype(np.float32))
   view = {"scores": scores_B, "correct": correct_B, "kl": kl_BxT,
           "entropy": scored["entropy"], "logp_gap": np.asarray(diffs, np.float32)}
+  if prm_scores is not None:
+    view["prm_scores"] = np.asarray(prm_scores, np.float32)
   return batch, view

@@ -44,6 +44,8 @@ from o3lite.training import optimizer as optimizer_lib
 from o3lite.training import run_folder
 from o3lite.training import sft as sft_lib
 from o3lite.training import step as step_lib
+from o3lite.verifiers import reward_model
+from o3lite.verifiers import run as verifier_run
 
 
 def algo_config(rl_cfg: ml_collections.ConfigDict) -> alg.RLAlgoConfig:
@@ -100,6 +102,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   rewards_lib.validate_weights(dict(rl_cfg.rewards))
   if rl_cfg.vocab_chunk < 0:
     raise errors.ConfigError(f"rl.vocab_chunk={rl_cfg.vocab_chunk} must be >= 0")
+  process = rl_cfg.process_reward
+  if process.verifier:
+    saved = run_folder.load_config(process.verifier) if os.path.isdir(process.verifier) \
+        else None
+    if saved is None or saved.get("method") != "verifier":
+      raise errors.ConfigError(f"rl.process_reward.verifier={process.verifier} is not a "
+                               "verifier run folder (configs/prm.py)")
+    if saved.verifier.kind != "prm":
+      raise errors.ConfigError(f"rl.process_reward.verifier={process.verifier} holds an "
+                               f"{saved.verifier.kind!r} verifier: process rewards need a PRM")
+    alg.step_rewards([], process.mode)
+    if process.batch_size < 1:
+      raise errors.ConfigError("rl.process_reward.batch_size must be at least 1")
 
 
 def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -130,6 +145,7 @@ class RLRun:
   algo: alg.RLAlgoConfig
   tx: Any
   spec: Any  # state.StateSpec
+  prm: Any = None  # The frozen PRM (reward_model.Verifier) of process rewards, or None.
 
   @property
   def abstract_state(self):
@@ -162,8 +178,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, sft_dir: str) -> RLRu
                                        rl_cfg.num_steps * updates_per_step, trees,
                                        "rl.optimizer")
   spec = learner.state_spec(model_cfg, tx, algo.uses_critic, mesh, rules)
+  prm = None
+  if rl_cfg.process_reward.verifier:  # In this program, on this mesh: no server, no copy.
+    path = rl_cfg.process_reward.verifier
+    prm = verifier_run.load_verifier(path, rl_cfg.process_reward.batch_size,
+                                     tuple(config.mesh.shape))
+    reward_model.check_same_tokenizer(prm.tokenizer, tokenizer,
+                                      f"rl.process_reward.verifier={path}")
   return RLRun(config, workdir, sft_dir, tokenizer, model_cfg, mesh, rules, algo, tx,
-               spec)
+               spec, prm)
 
 
 def _evaluate(run: RLRun, params, name: str) -> dict[str, Any]:
@@ -246,8 +269,11 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                      scorer, scfg)
     t_sample = time.time() - t0
 
+    process = ((rl_cfg.process_reward.weight, rl_cfg.process_reward.mode)
+               if run.prm is not None else None)
     batch, view = rollouts.learner_batch(groups, state, score_fn, run.algo, seq_len,
-                                         rl_cfg.minibatch_size, tok, batch_sharding)
+                                         rl_cfg.minibatch_size, tok, batch_sharding,
+                                         process)
     mask, adv = batch["mask"], batch["advantages"]
     scores_B, kl_BxT = view["scores"], view["kl"]
 
@@ -283,6 +309,12 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             time.time() - t0, 1e-9),
         **{k: float(v) for k, v in stats.items()},
     })
+    if "prm_scores" in view:  # The PRM's view of this step's samples.
+      prm_scores = view["prm_scores"]
+      metrics.update(prm_step_score=float(prm_scores.mean()) if prm_scores.size else 0.0,
+                     prm_low_fraction=float((prm_scores < 0.5).mean())
+                     if prm_scores.size else 0.0,
+                     prm_steps_per_completion=prm_scores.size / max(len(mask), 1))
     if run.algo.uses_critic:
       metrics["explained_variance"] = alg.explained_variance(
           batch["old_values"], batch["returns"], mask)

@@ -105,6 +105,26 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
   return Encoded(tokens, reads, labels)
 
 
+def encode_sampled(prompt: Sequence[int], written: Sequence[int], tokenizer: Any) -> Encoded:
+  """The PRM row of a sampled completion, in the tokens the policy wrote (no
+  re-tokenization): reads at the last token of each step of `decode(written)`, so
+  `reads[i] - len(prompt)` indexes the completion token that ends step i."""
+  text = tokenizer.decode(written)
+  found = steps_lib.split_completion(text)
+  offsets = np.array([len(tokenizer.decode(written[:j])) for j in range(len(written) + 1)])
+  reads = [len(prompt) + int(np.argmax(offsets >= s.end)) - 1 for s in found]
+  return Encoded(list(prompt) + list(written) + [tokenizer.eos_id], reads, [None] * len(reads))
+
+
+def check_same_tokenizer(a: Any, b: Any, what: str) -> None:
+  """A one-line ConfigError unless tokenizers `a` and `b` have the same vocabulary (the
+  same text for every id), as a verifier scoring a policy's tokens needs."""
+  if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id or any(
+      a.decode([i]) != b.decode([i]) for i in range(a.vocab_size)):
+    raise errors.ConfigError(f"{what}: its tokenizer differs from the policy's (a verifier "
+                             "must read the policy's tokens)")
+
+
 def rows(encoded: Sequence[Encoded], seq_len: int, pad_id: int,
          batch_size: int | None = None) -> Batch:
   """[B, seq_len] arrays of `encoded` (B = batch_size, padded with empty rows)."""
@@ -251,6 +271,16 @@ class Verifier:
       out += [[float(p_BxT[b, t]) for t in e.reads] for b, e in enumerate(chunk)]
       self.tokens_scored += sum(len(e.tokens) for e in chunk)
     return out
+
+  def score_sampled(self, prompts: Sequence[Sequence[int]],
+                    completions: Sequence[Sequence[int]]) -> list[tuple[list[int], list[float]]]:
+    """PRM scores of sampled completions in the policy's own tokens (same tokenizer):
+    per completion, (index of each step's last token in the completion, its score)."""
+    if self.kind != "prm":
+      raise errors.ConfigError("an outcome reward model has no step scores")
+    encoded = [encode_sampled(p, c, self.tokenizer) for p, c in zip(prompts, completions)]
+    return [([r - len(p) for r in e.reads], probs) for p, e, probs in
+            zip(prompts, encoded, self._probabilities(encoded))]
 
   def score_steps(self, examples: Sequence[dict], solutions: Sequence[str]
                   ) -> list[list[float]]:

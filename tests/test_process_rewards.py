@@ -1,0 +1,134 @@
+"""A PRM's step scores as dense rewards in PPO and GRPO: the maths, and a run with a
+frozen PRM in the same program."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import prm as prm_config
+from configs import rl as rl_config
+from o3lite import errors
+from o3lite.rl import algorithms as alg
+from o3lite.rl import run as rl_trainer
+from o3lite.verifiers import reward_model as rm
+from o3lite.verifiers import run as verifier_run
+
+
+def test_step_rewards_score_and_difference():
+  assert alg.step_rewards([0.9, 0.6, 0.2], "score") == [0.9, 0.6, 0.2]
+  diff = alg.step_rewards([0.9, 0.6, 0.2], "difference")
+  np.testing.assert_allclose(diff, [0.9, -0.3, -0.4])
+  assert sum(diff) == pytest.approx(0.2)  # Telescopes to the last score.
+  with pytest.raises(errors.ConfigError, match="process reward mode 'sum'"):
+    alg.step_rewards([0.5], "sum")
+
+
+def _brute_process_advantages(r, m, mask, group_size, eps):
+  out = np.zeros_like(r)
+  for g in range(0, len(r), group_size):
+    values = r[g:g + group_size][m[g:g + group_size] > 0]
+    mean, std = values.mean(), values.std()
+    for b in range(g, g + group_size):
+      for t in range(r.shape[1]):
+        out[b, t] = sum((r[b, u] - mean) / (std + eps) for u in range(t, r.shape[1])
+                        if m[b, u]) * mask[b, t]
+  return out
+
+
+def test_process_advantages_are_grpo_normalized_rewards_to_go():
+  rng = np.random.default_rng(0)
+  B, T, G = 6, 9, 3
+  mask = np.zeros((B, T), np.float32)
+  m = np.zeros((B, T), np.float32)
+  for b in range(B):
+    n = rng.integers(3, T)
+    mask[b, 1:n] = 1
+    ends = rng.choice(np.arange(1, n), size=min(2, n - 1), replace=False)
+    m[b, ends] = 1
+  r = rng.random((B, T)).astype(np.float32) * m
+  got = np.asarray(alg.process_advantages(r, m, mask, G, 1e-6))
+  np.testing.assert_allclose(got, _brute_process_advantages(r, m, mask, G, 1e-6),
+                             rtol=1e-5, atol=1e-5)
+  for b in range(B):  # Tokens after a row's last step get nothing.
+    last = np.flatnonzero(m[b]).max()
+    assert np.all(got[b, last + 1:] == 0) and got[b, last] != 0
+
+
+def test_a_verifier_must_read_the_policys_tokens():
+  class Tok:
+    vocab_size, eos_id = 3, 1
+
+    def __init__(self, pieces):
+      self.pieces = pieces
+
+    def decode(self, ids):
+      return "".join(self.pieces[i] for i in ids)
+
+  rm.check_same_tokenizer(Tok("abc"), Tok("abc"), "x")
+  with pytest.raises(errors.ConfigError, match="^rl.process_reward.verifier=/p: its "
+                     "tokenizer differs from the policy's"):
+    rm.check_same_tokenizer(Tok("abc"), Tok("abd"), "rl.process_reward.verifier=/p")
+
+
+def _set(config, values):
+  for key, value in values.items():
+    *path, name = key.split(".")
+    section = config
+    for p in path:
+      section = section[p]
+    section[name] = value
+  return config
+
+
+def _data_of(run_dir):
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return {f"data.{k}": v for k, v in json.load(f)["data"].items()
+            if k not in ("tokenizer", "task_kwargs")}
+
+
+@pytest.fixture(scope="module")
+def tiny_prm(tiny_run, tmp_path_factory):
+  """A PRM of the tiny SFT run's solutions (exact labels), a few steps of training."""
+  workdir = str(tmp_path_factory.mktemp("tiny_prm") / "prm")
+  config = _set(prm_config.get_config(), {
+      **_data_of(tiny_run), "verifier.policy": tiny_run, "verifier.labeller": "exact",
+      "verifier.num_problems": 16, "verifier.eval_problems": 8,
+      "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
+      "verifier.max_new_tokens": 24, "verifier.num_steps": 4, "verifier.batch_size": 8,
+      "verifier.checkpoint_every": 4, "verifier.eval_batch_size": 8})
+  verifier_run.run_verifier(config, workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path, advantage):
+  config = _set(rl_config.get_config(), {
+      **_data_of(tiny_run), "rl.sft_init": tiny_run, "rl.num_steps": 2,
+      "rl.prompts_per_step": 8, "rl.group_size": 4, "rl.minibatch_size": 16,
+      "rl.max_new_tokens": 24, "rl.log_every": 1, "rl.checkpoint_every": 2,
+      "rl.advantage": advantage, "rl.process_reward.verifier": tiny_prm,
+      "rl.process_reward.mode": "difference", "rl.rewards.correctness": 0.0,
+      "eval.num_examples": 8, "eval.batch_size": 8, "eval.max_new_tokens": 24,
+      "eval.num_samples": 0, "mesh.shape": (4, 2, 1)})
+  workdir = str(tmp_path / advantage)
+  rl_trainer.run_rl(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(l) for l in f if '"reward"' in l]
+  assert [m["step"] for m in steps] == [1, 2]
+  for m in steps:
+    assert 0 < m["prm_step_score"] < 1 and 0 <= m["prm_low_fraction"] <= 1
+    assert m["prm_steps_per_completion"] > 0
+    assert m["reward"] == 0  # Outcome weight 0: the process rewards alone move the policy.
+    assert m["advantage_std"] > 0 and m["update_norm"] > 0
+
+
+def test_process_reward_config_errors(tiny_run, tiny_prm):
+  base = {**_data_of(tiny_run), "rl.sft_init": tiny_run}
+  with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
+    rl_trainer.validate(_set(rl_config.get_config(),
+                             {**base, "rl.process_reward.verifier": tiny_run}))
+  with pytest.raises(errors.ConfigError, match="process reward mode 'max'"):
+    rl_trainer.validate(_set(rl_config.get_config(), {
+        **base, "rl.process_reward.verifier": tiny_prm, "rl.process_reward.mode": "max"}))
