@@ -71,6 +71,7 @@ def main(argv):
   from o3lite import errors
   from o3lite.rl import run as rl_run
   from o3lite.training import sft
+  from o3lite.verifiers import filtering
   from o3lite.verifiers import run as verifier_run
 
   config = _CONFIG.value
@@ -81,7 +82,8 @@ def main(argv):
     sys.exit(1)
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl, "verifier": verifier_run.run_verifier}
+  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl, "verifier": verifier_run.run_verifier,
+             "filtered_sft": filtering.run_filtered_sft}
   if config.method not in runners:
     errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:

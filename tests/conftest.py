@@ -63,3 +63,39 @@ def smollm2(smollm2_dir):
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
   return types.SimpleNamespace(dir=smollm2_dir, cfg=cfg, params=params,
                                torch_model=torch_model, hf_tokenizer=hf_tokenizer)
+
+
+def set_fields(config, values):
+  """Sets dotted `values` ({"a.b.c": x}) in a ConfigDict; returns it."""
+  for key, value in values.items():
+    *path, name = key.split(".")
+    section = config
+    for p in path:
+      section = section[p]
+    section[name] = value
+  return config
+
+
+def data_of(run_dir):
+  """The `data` fields of a run folder's config (its data, its tokenizer's source)."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return {f"data.{k}": v for k, v in json.load(f)["data"].items()
+            if k not in ("tokenizer", "task_kwargs")}
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(tiny_run, tmp_path_factory):
+  """A PRM run folder on the tiny SFT run's solutions (exact labels, 4 training steps)."""
+  from configs import prm as prm_config  # pylint: disable=g-import-not-at-top
+  from o3lite.verifiers import run as verifier_run  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp("tiny_prm") / "prm")
+  config = set_fields(prm_config.get_config(), {
+      **data_of(tiny_run), "verifier.policy": tiny_run, "verifier.labeller": "exact",
+      "verifier.num_problems": 16, "verifier.eval_problems": 8,
+      "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
+      "verifier.max_new_tokens": 24, "verifier.num_steps": 4, "verifier.batch_size": 8,
+      "verifier.checkpoint_every": 4, "verifier.eval_batch_size": 8})
+  verifier_run.run_verifier(config, workdir)
+  return workdir

@@ -38,6 +38,9 @@ def test_config_builds(name):
   elif config.method == "verifier":
     from o3lite.verifiers import run as verifier_run  # pylint: disable=g-import-not-at-top
     verifier_run.validate(config)
+  elif config.method == "filtered_sft":
+    from o3lite.verifiers import filtering  # pylint: disable=g-import-not-at-top
+    filtering.validate(config)
   else:
     trainer.validate(config)
   config.lock()

@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from configs import prm as prm_config
 from configs import rl as rl_config
 from o3lite import errors
 from o3lite.rl import algorithms as alg
 from o3lite.rl import run as rl_trainer
 from o3lite.verifiers import reward_model as rm
-from o3lite.verifiers import run as verifier_run
+from conftest import data_of as _data_of, set_fields as _set
 
 
 def test_step_rewards_score_and_difference():
@@ -70,36 +69,6 @@ def test_a_verifier_must_read_the_policys_tokens():
   with pytest.raises(errors.ConfigError, match="^rl.process_reward.verifier=/p: its "
                      "tokenizer differs from the policy's"):
     rm.check_same_tokenizer(Tok("abc"), Tok("abd"), "rl.process_reward.verifier=/p")
-
-
-def _set(config, values):
-  for key, value in values.items():
-    *path, name = key.split(".")
-    section = config
-    for p in path:
-      section = section[p]
-    section[name] = value
-  return config
-
-
-def _data_of(run_dir):
-  with open(os.path.join(run_dir, "config.json")) as f:
-    return {f"data.{k}": v for k, v in json.load(f)["data"].items()
-            if k not in ("tokenizer", "task_kwargs")}
-
-
-@pytest.fixture(scope="module")
-def tiny_prm(tiny_run, tmp_path_factory):
-  """A PRM of the tiny SFT run's solutions (exact labels), a few steps of training."""
-  workdir = str(tmp_path_factory.mktemp("tiny_prm") / "prm")
-  config = _set(prm_config.get_config(), {
-      **_data_of(tiny_run), "verifier.policy": tiny_run, "verifier.labeller": "exact",
-      "verifier.num_problems": 16, "verifier.eval_problems": 8,
-      "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
-      "verifier.max_new_tokens": 24, "verifier.num_steps": 4, "verifier.batch_size": 8,
-      "verifier.checkpoint_every": 4, "verifier.eval_batch_size": 8})
-  verifier_run.run_verifier(config, workdir)
-  return workdir
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

@@ -1,0 +1,58 @@
+"""Quality filtering of training chains by a reward model, and SFT on what is kept."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import sft_filtered
+from conftest import data_of, set_fields
+from o3lite import errors
+from o3lite.training import sft as sft_lib
+from o3lite.verifiers import filtering
+from o3lite.verifiers import run as verifier_run
+
+
+def test_keep_by_threshold_or_best_k_per_question():
+  examples = [{"question": q} for q in "aabbbc"]
+  scores = [0.2, 0.9, 0.5, 0.7, 0.6, 0.1]
+  assert filtering.keep(examples, scores, 0.5) == [1, 2, 3, 4]
+  assert filtering.keep(examples, scores, 0.5, best_k=1) == [1, 3, 5]
+  assert filtering.keep(examples, scores, 0.0, best_k=2) == [0, 1, 3, 4, 5]
+
+
+def _config(tiny_run, tiny_prm, **extra):
+  return set_fields(sft_filtered.get_config(), {
+      **data_of(tiny_run), "data.cot_slip_rate": 0.6, "filter.verifier": tiny_prm,
+      "train.num_steps": 2, "train.batch_size": 8, "train.checkpoint_every": 2,
+      "data.seq_len": 64, "eval.num_examples": 4, "eval.batch_size": 4,
+      "eval.max_new_tokens": 8, **extra})
+
+
+def test_filtered_sft_trains_on_the_chains_the_prm_keeps(tiny_run, tiny_prm, tmp_path):
+  verifier = verifier_run.load_verifier(tiny_prm, 64)
+  config = _config(tiny_run, tiny_prm)
+  examples = sft_lib.train_examples(filtering._sft_config(config).data)
+  examples = [examples[i] for i in range(len(examples))]
+  scores = np.asarray(filtering.chain_scores(verifier, examples, "min"))
+  threshold = float(np.median(scores))
+  config.filter.threshold = threshold
+  workdir = str(tmp_path / "filtered")
+  filtering.run_filtered_sft(config, workdir)
+  with open(os.path.join(workdir, "filter.json")) as f:
+    stats = json.load(f)
+  assert stats["examples"] == len(examples)
+  assert stats["kept"] == int(np.sum(scores >= threshold)) and 0 < stats["kept"] < len(examples)
+  # The slipped chains of the training data are found by their exact step labels.
+  assert 0.3 < stats["flawed_fraction_before"] < 0.9
+  assert os.path.isfile(os.path.join(workdir, "eval.json"))
+  with pytest.raises(errors.ConfigError, match="filter.score='outcome' needs an ORM"):
+    filtering.chain_scores(verifier, examples[:2], "outcome")
+
+
+def test_filter_config_errors(tiny_run, tiny_prm):
+  with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
+    filtering.validate(_config(tiny_run, tiny_prm, **{"filter.verifier": tiny_run}))
+  with pytest.raises(errors.ConfigError, match="filter.score='mean'"):
+    filtering.validate(_config(tiny_run, tiny_prm, **{"filter.score": "mean"}))
