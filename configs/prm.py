@@ -3,7 +3,7 @@
   python -m o3lite.train --config=configs/prm.py [--workdir=DIR] [--config.verifier.a=value]
 
 With `verifier.policy` empty it first trains the policy (the SFT warm start of
-configs/rl.py: imperfect chains, so it makes real mistakes) in DIR/policy, then samples
+configs/rl.py, on chains with 30% slips, so it makes real mistakes) in DIR/policy, samples
 its solutions to training problems, labels every step (Monte Carlo, Math-Shepherd, by
 default), trains the PRM (the policy's trunk + a scalar head, binary cross-entropy at
 every step's last token) and judges it on held-out solutions against exact step labels:
@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = rl.get_config()  # The policy's sections (model, data, train, optimizer, mesh, eval).
   del c["rl"]
   c.method = "verifier"  # Which trainer runs this config.
+  # Chains written with slips at half configs/rl.py's rate: the policy's sampled held-out
+  # pass@1 is then 40-60% (measured: 45.9%), so its solutions mix right and wrong steps.
+  c.data.cot_slip_rate = 0.3
   c.eval.num_samples = 0  # The policy's own held-out evaluation: greedy only.
 
   v = c.verifier = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from configs import prm
 def get_config() -> ml_collections.ConfigDict:
   c = prm.get_config()  # model, data (slipped chains), train, optimizer, eval, verifier.
   c.method = "filtered_sft"  # Which trainer runs this config.
+  c.data.cot_slip_rate = 0.6  # configs/rl.py's imperfect chains.
   c.filter = ml_collections.ConfigDict()
   c.filter.verifier = ""  # A verifier run folder; "" = configs/prm.py's in DIR/verifier.
   c.filter.score = "min"  # min | last (a PRM's step scores) | outcome (an ORM's).
