@@ -257,15 +257,17 @@ def test_missing_policy_run_is_a_one_line_error(tmp_path):
       f"o3lite: ConfigError: verifier.policy={tmp_path / 'no_such_run'} does not exist")
 
 
-def test_bad_labelled_file_is_a_one_line_error(prm_run, tmp_path):
-  workdir, _, _ = prm_run
+def test_bad_labelled_file_is_an_error_naming_file_and_line(prm_run, tmp_path):
+  workdir, config, _ = prm_run
   lines = open(os.path.join(workdir, "labels", "train.jsonl")).read().splitlines()
   record = json.loads(lines[0])
   record["labels"][0] = 1.5
   bad = tmp_path / "bad.jsonl"
   bad.write_text(lines[1] + "\n" + json.dumps(record) + "\n")
-  out = _cli(tmp_path, f"--config.verifier.policy={workdir}/policy",
-             f"--config.verifier.labels={bad}")
-  assert out.returncode != 0
-  last = out.stderr.strip().splitlines()[-1]
-  assert f"{bad}:2: labels[0] = 1.5 is not a number in [0, 1]" in last
+  given = _verifier_config(config.data.data_dir, **{
+      "verifier.policy": os.path.join(workdir, "policy"), "verifier.labels": str(bad),
+      "verifier.eval_labels": os.path.join(workdir, "labels", "eval.jsonl")})
+  with pytest.raises(errors.DataError, match=f"^{bad}:2: labels\\[0\\] = 1.5 is not a "
+                     r"number in \[0, 1\]"):
+    verifier_run.run_verifier(given, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Checked before training.
