@@ -16,10 +16,12 @@ before it (tests/test_layout.py checks every import):
                run folders, and the SFT run
   verifiers    step labels (exact, Monte Carlo, consensus) and their JSONL files; after
                training so that a reward model can be trained with the one train step
+  search       test-time search: strategies (majority, weighted majority, best-of-N) that
+               sample with the sampler and score with a verifier, and their compute
   rl           RL maths, rewards, the learner (its loss and scoring), the RL run
   train.py, evaluate.py, export.py   the entry points (thin: flags -> library)
 """
 
 # The layers above, lowest first; tests/test_layout.py reads this.
 LAYERS = ("errors", "registry", "model", "parallel", "data", "interop", "sampling", "evaluation",
-          "training", "verifiers", "rl", "train", "evaluate", "export")
+          "training", "verifiers", "search", "rl", "train", "evaluate", "export")

@@ -1,0 +1,114 @@
+"""Best-of-N under a verifier, and the verifier scores of candidates that every
+verifier-guided strategy reads.
+
+Best-of-N (Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems";
+Lightman et al. 2023, "Let's Verify Step by Step"): sample N solutions y_1..y_N of a
+problem x, score each with a verifier, answer with the best one's answer:
+
+  i* = argmax_i r(x, y_i)        (the first such i on ties)
+
+ORM:  r = P(y correct | x), the verifier's read after the whole solution.
+PRM:  r = agg(p_1, ..., p_n), p_j = P(step j correct | x, steps 1..j), with agg one of
+      AGGREGATIONS (pure functions of a non-empty list of step scores):
+        last  p_n           Snell et al. 2024 find it the best for their PRM;
+                            search-and-learn's default
+        min   min_j p_j     the weakest step (Wang et al. 2024, Math-Shepherd)
+        prod  prod_j p_j    P(every step correct) were step errors independent
+                            (Lightman et al. 2023)
+      A solution without steps scores 0.5 (no evidence, as `Verifier.score_outcomes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from o3lite import errors
+from o3lite.registry import Registry
+from o3lite.search import core
+
+AGGREGATIONS = Registry("PRM aggregation")
+NO_STEPS = 0.5  # The score of a solution in which a PRM finds no step.
+
+
+@AGGREGATIONS.register("last")
+def last(step_scores: Sequence[float]) -> float:
+  """r = p_n: the PRM's read after the last step (Snell et al. 2024)."""
+  return float(step_scores[-1])
+
+
+@AGGREGATIONS.register("min")
+def minimum(step_scores: Sequence[float]) -> float:
+  """r = min_j p_j: a chain is as good as its weakest step (Math-Shepherd)."""
+  return float(min(step_scores))
+
+
+@AGGREGATIONS.register("prod")
+def product(step_scores: Sequence[float]) -> float:
+  """r = prod_j p_j: every step correct, steps taken as independent (Lightman et al.)."""
+  return float(math.prod(step_scores))
+
+
+@dataclasses.dataclass
+class Scored:
+  """A verifier's view of one problem's candidates."""
+
+  scores: list[float]  # One per candidate: ORM outcome, or the aggregated PRM steps.
+  step_scores: list[list[float]] | None  # PRM: every candidate's step scores.
+  verifier_tokens: int  # This problem's share of the tokens the verifier ran.
+
+
+def aggregator(verifier: Any, strategy: str, aggregation: str | None
+               ) -> Callable[[Sequence[float]], float] | None:
+  """The PRM aggregation `strategy` scores with (default "last"), or None for an ORM,
+  checked before any sampling: no verifier, an unknown aggregation, or an aggregation
+  given with an ORM (which has no steps to aggregate) is a one-line ConfigError."""
+  kind = core.verifier_kind(verifier, strategy)
+  if kind == "orm":
+    if aggregation is not None:
+      raise errors.ConfigError(f"aggregation={aggregation!r} aggregates a PRM's step "
+                               "scores; an ORM scores whole solutions")
+    return None
+  return AGGREGATIONS.lookup("last" if aggregation is None else aggregation)
+
+
+def score_candidates(verifier: Any, problems: Sequence[dict], drawn: Sequence[core.Drawn],
+                     agg: Callable[[Sequence[float]], float] | None) -> list[Scored]:
+  """Every candidate of every problem scored in one verifier call (the verifier batches
+  the rows): `score_outcomes` when `agg` is None (an ORM), else `score_steps` and
+  r = agg(step scores) (NO_STEPS for a solution without steps)."""
+  examples = [p for p, d in zip(problems, drawn) for _ in d.texts]
+  solutions = [t for d in drawn for t in d.texts]
+  before = verifier.tokens_scored
+  if agg is None:
+    flat, flat_steps = verifier.score_outcomes(examples, solutions), None
+  else:
+    flat_steps = verifier.score_steps(examples, solutions)
+    flat = [agg(s) if len(s) else NO_STEPS for s in flat_steps]
+  shares = core.split_count(verifier.tokens_scored - before, [d.row_tokens for d in drawn])
+  out, at = [], 0
+  for d, share in zip(drawn, shares):
+    n = len(d.texts)
+    out.append(Scored([float(s) for s in flat[at:at + n]],
+                      None if flat_steps is None else [list(s) for s in flat_steps[at:at + n]],
+                      share))
+    at += n
+  return out
+
+
+@core.STRATEGIES.register("best_of_n")
+def best_of_n(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget: int,
+              seed: int, *, aggregation: str | None = None,
+              sampling: core.Sampling = core.Sampling()) -> list[core.SearchResult]:
+  """N = `budget` samples per problem, the answer of the one the verifier scores highest:
+  i* = argmax_i r(x, y_i), first on ties (see the module docstring for r under an ORM and
+  a PRM's `aggregation`: last, min or prod). Every candidate competes, parsed or not:
+  the verifier judges."""
+  agg = aggregator(verifier, "best_of_n", aggregation)
+  drawn = core.draw(problems, policy, budget, seed, sampling)
+  scored = score_candidates(verifier, problems, drawn, agg)
+  return [core.result(d, int(np.argmax(s.scores)), s.scores, s.step_scores, s.verifier_tokens)
+          for d, s in zip(drawn, scored)]
