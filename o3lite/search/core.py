@@ -171,7 +171,7 @@ def verifier_kind(verifier: Any, strategy: str) -> str:
   if verifier is None:
     raise errors.ConfigError(f"search strategy {strategy!r} needs a verifier (an ORM or "
                              "a PRM)")
-  kind = getattr(verifier, "kind", "prm")  # HFProcessRewardModel: a PRM, with no `kind`.
+  kind = getattr(verifier, "kind", None)
   if kind not in KINDS:
     raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
   return kind

@@ -200,8 +200,11 @@ class HFProcessRewardModel:
   `params` = {"trunk": o3lite transformer params, "head": classifier params or {}};
   `tokenizer` the folder's `transformers` tokenizer; `max_len` the most tokens a row
   may have (a Mistral's sliding window; None: no limit); `tokens_scored` counts the
-  tokens put through the model (compute accounting).
+  tokens put through the model (compute accounting). `kind` is "prm", as a trained
+  `reward_model.Verifier`'s, so search and RL take either.
   """
+
+  kind = "prm"
 
   def __init__(self, params, model_cfg: model_lib.ModelConfig, tokenizer: Any,
                convention: Convention, batch_size: int = 8, max_len: int | None = None,
