@@ -95,7 +95,8 @@ def _run(name, policy, verifier=None, budget=N, **options):
 
 
 def test_the_strategies_are_registered():
-  assert sorted(core.STRATEGIES) == ["best_of_n", "majority", "weighted_majority"]
+  assert sorted(core.STRATEGIES) == ["beam", "best_of_n", "dvts", "majority",
+                                    "weighted_majority"]
   assert sorted(best_of_n_lib.AGGREGATIONS) == ["last", "min", "prod"]
 
 

@@ -126,6 +126,10 @@ class SearchResult:
   scores: list[float] | None  # Per candidate (ORM outcome / aggregated PRM); None: unscored.
   step_scores: list[list[float]] | None  # A PRM's per-step scores of each candidate.
   compute: Compute
+  # Tree searches: one level per step, one node per row: {"parent": its row at the level
+  # before (-1 at the first), "text": the row's completion so far (None once it has
+  # ended), "score": the PRM's score of its newest step, "live": still writing}.
+  tree: list[list[dict]] | None = None
 
 
 @dataclasses.dataclass

@@ -1,0 +1,219 @@
+"""Step-level search under a PRM: beam search and diverse verifier tree search (DVTS).
+
+A step is what the policy writes up to its next "\\n" (the one chain format's step
+delimiter) or to EOS. Each problem keeps N rows in the sampler; one iteration:
+
+  1. every live row writes one more step (`sampler.continue_` from its kept state: no
+     prefix is ever recomputed);
+  2. the PRM scores each live row's newest step, p = P(step correct | steps so far)
+     (with `lookahead` L > 0: the score of the step L greedy steps further on, from a
+     throwaway fork, as Snell et al.'s lookahead search);
+  3. rows are split into `groups` of N / groups rows; in each group the `keep` best live
+     rows survive and are forked `expand` times each back to N rows (`sampler.fork`);
+     rows that ended (EOS, or the step cap) leave the pool as finished candidates.
+
+  beam  one group: keep N / m, expand m (Snell et al. 2024, "Scaling LLM Test-Time
+        Compute Optimally..."; search-and-learn's beam search)
+  dvts  N / m groups (independent subtrees): keep 1, expand m (Beeching, Tunstall & Rush
+        2024, "Scaling test-time compute with open models"), so one strong early step
+        cannot take over every subtree
+
+until no row is live or `max_steps` iterations; the answer is the finished candidate
+with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`; live rows
+cut off by `max_steps` compete only when nothing finished). All problems of a call share
+one compiled shape: problems_per_call x N rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from o3lite import errors
+from o3lite.data import formatting
+from o3lite.sampling import sampler
+from o3lite.sampling import stops as stops_lib
+from o3lite.search import best_of_n
+from o3lite.search import core
+
+
+def select(scores: Sequence[float], live: Sequence[bool], groups: int, keep: int,
+           expand: int) -> list[int]:
+  """The parent of each of the N next rows (N = len(scores)): in each of `groups`
+  consecutive groups of N / groups rows, the `keep` best live rows (ties: the earlier
+  row), each `expand` times in order; a group with fewer live rows cycles through the
+  ones it has; a group with none keeps its rows (they stay finished)."""
+  N = len(scores)
+  size = N // groups
+  parents = []
+  for g in range(groups):
+    rows = range(g * size, (g + 1) * size)
+    alive = sorted((r for r in rows if live[r]), key=lambda r: (-scores[r], r))[:keep]
+    if not alive:
+      parents += list(rows)
+      continue
+    chosen = [alive[i // expand] for i in range(min(keep, len(alive)) * expand)]
+    parents += [chosen[i % len(chosen)] for i in range(size)]
+  return parents
+
+
+@dataclasses.dataclass
+class _Row:
+  tokens: list[int]  # The row's completion so far (stops included, EOS excluded).
+  live: bool = True
+  score: float = 0.5  # The PRM's score of its newest step.
+
+
+def _step_config(policy: core.Policy, sampling: core.Sampling, step_tokens: int,
+                 num_samples: int, greedy: bool = False) -> sampler.SamplingConfig:
+  tok = policy.tokenizer
+  return sampler.SamplingConfig(
+      max_new_tokens=step_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+      temperature=0.0 if greedy else sampling.temperature, top_p=sampling.top_p,
+      num_samples=num_samples, stops=stops_lib.stop_set(tok, ["\n"]).stops)
+
+
+def _lookahead(policy: core.Policy, state, rows: list[_Row], steps: int,
+               cfg: sampler.SamplingConfig, generated: np.ndarray, N: int) -> list[list[int]]:
+  """The tokens `steps` greedy steps add to each live row, from a throwaway fork of the
+  state (the rows themselves are not moved); their tokens are counted in `generated`."""
+  where = {"mesh": policy.mesh, "rules": policy.rules}
+  ahead = sampler.fork(state, list(range(len(rows))), **where)
+  extra = [[] for _ in rows]
+  going = [r.live for r in rows]
+  for _ in range(steps):
+    if not any(going):
+      break
+    ahead = sampler.continue_(policy.params, ahead, [[] if g else None for g in going],
+                              policy.model_cfg, cfg, **where)
+    for b, got in enumerate(sampler.completions(ahead, cfg)):
+      if going[b]:
+        extra[b] += got.tokens
+        generated[b // N] += len(got.tokens) + int(got.finished)
+        going[b] = got.stop not in (sampler.STOP_EOS, sampler.STOP_NONE)
+  return extra
+
+
+def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, seed: int,
+            groups: int, keep: int, expand: int, aggregation: str, max_steps: int,
+            step_tokens: int, lookahead: int, sampling: core.Sampling, name: str
+            ) -> list[core.SearchResult]:
+  """The iterations of the module docstring, `sampling.problems_per_call(N)` problems at
+  a time."""
+  if core.verifier_kind(verifier, name) != "prm":
+    raise errors.ConfigError(f"search strategy {name!r} scores steps: it needs a PRM")
+  aggregate = best_of_n.AGGREGATIONS.lookup(aggregation)
+  for what, value in (("max_steps", max_steps), ("step_tokens", step_tokens),
+                      ("lookahead", lookahead + 1)):
+    if value < 1:
+      raise errors.ConfigError(f"search strategy {name!r}: {what} too small ({value})")
+  tok, where = policy.tokenizer, {"mesh": policy.mesh, "rules": policy.rules}
+  cfg = _step_config(policy, sampling, step_tokens, N)
+  greedy = _step_config(policy, sampling, step_tokens, 1, greedy=True)
+  per_call = sampling.problems_per_call(N)
+  key = jax.random.PRNGKey(seed)
+  results = []
+  for c, begin in enumerate(range(0, len(problems), per_call)):
+    chunk = problems[begin:begin + per_call]
+    prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in chunk]
+    state = sampler.start(policy.params, prompts, policy.model_cfg, cfg,
+                          jax.random.fold_in(key, c), batch_size=per_call, **where)
+    B = state.batch_size  # per_call x N rows, padding problems' included.
+    P = B // N
+    examples = [chunk[min(b // N, len(chunk) - 1)] for b in range(B)]
+    rows = [_Row([]) for _ in range(B)]
+    generated, spent = np.zeros(P, np.int64), np.zeros(P, np.int64)
+    finished: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(P)]
+    trees: list[list[list[dict]]] = [[] for _ in range(P)]
+    parents = [b % N for b in range(B)]  # Row q of a block came from row parents[q].
+    for it in range(max_steps):
+      # 1. This call's step joins each live row.
+      for b, got in enumerate(sampler.completions(state, cfg)):
+        if rows[b].live:
+          rows[b].tokens = rows[b].tokens + got.tokens
+          generated[b // N] += len(got.tokens) + int(got.finished)
+          rows[b].live = got.stop not in (sampler.STOP_EOS, sampler.STOP_NONE)
+      # 2. The PRM scores every row still in play (live, or ended just now).
+      extra = (_lookahead(policy, state, rows, lookahead, greedy, generated, N)
+               if lookahead else [[] for _ in rows])
+      todo = [b for b in range(B) if rows[b].tokens is not None and b // N < len(chunk)]
+      before = verifier.tokens_scored
+      scored = verifier.score_steps([examples[b] for b in todo],
+                                    [tok.decode(rows[b].tokens + extra[b]) for b in todo])
+      spent += np.asarray(core.split_count(
+          verifier.tokens_scored - before,
+          [sum(len(rows[b].tokens) + len(extra[b]) for b in todo if b // N == p)
+           for p in range(P)]))
+      for b, steps in zip(todo, scored):
+        rows[b].score = steps[-1] if steps else best_of_n.NO_STEPS
+      for p in range(len(chunk)):
+        trees[p].append([{"parent": parents[p * N + q] - p * N if it else -1,
+                          "text": None if r.tokens is None else tok.decode(r.tokens),
+                          "score": float(r.score), "live": r.live}
+                         for q, r in enumerate(rows[p * N:(p + 1) * N])])
+      for b, steps in zip(todo, scored):
+        if not rows[b].live:  # Ended: a finished candidate (no lookahead was added).
+          finished[b // N].append((rows[b].tokens, steps))
+          rows[b].tokens = None
+      if not any(r.live for r in rows) or it == max_steps - 1:
+        break
+      # 3. Keep the best live rows of each group, fork them back to N rows, step on.
+      parents = []
+      for p in range(P):
+        block = rows[p * N:(p + 1) * N]
+        parents += [p * N + q for q in select([r.score for r in block],
+                                              [r.live for r in block], groups, keep, expand)]
+      state = sampler.fork(state, parents, **where)
+      rows = [dataclasses.replace(rows[q], tokens=None if rows[q].tokens is None
+                                  else list(rows[q].tokens)) for q in parents]
+      state = sampler.continue_(policy.params, state, [[] if r.live else None for r in rows],
+                                policy.model_cfg, cfg, jax.random.fold_in(key, 1_000 * c + it + 1),
+                                **where)
+    for p in range(len(chunk)):
+      pool = finished[p] or [(r.tokens, [r.score]) for r in rows[p * N:(p + 1) * N]
+                             if r.tokens is not None]
+      texts = [tok.decode(t) for t, _ in pool]
+      scores = [aggregate(s) if s else best_of_n.NO_STEPS for _, s in pool]
+      drawn = core.Drawn(prompts[p], [], texts, [formatting.parse_answer(t) for t in texts])
+      out = core.result(drawn, int(np.argmax(scores)), scores, [s for _, s in pool],
+                        int(spent[p]))
+      out.compute.generated_tokens = int(generated[p])
+      out.tree = trees[p]
+      results.append(out)
+  return results
+
+
+_SAMPLING = core.Sampling()  # Its temperature, top_p, rows_per_call (steps: step_tokens).
+
+
+@core.STRATEGIES.register("beam")
+def beam(problems, policy, verifier, budget, seed, *, expand: int = 4,
+         aggregation: str = "last", max_steps: int = 16, step_tokens: int = 32,
+         lookahead: int = 0, sampling: core.Sampling = _SAMPLING) -> list[core.SearchResult]:
+  """Step-level PRM beam search with N = `budget` beams: keep the N / `expand` best live
+  beams after every step, each forked `expand` times (Snell et al. 2024); `lookahead`
+  > 0 scores each beam after that many more greedy steps (their tokens count)."""
+  _check_width(budget, expand, "beam")
+  return _search(problems, policy, verifier, budget, seed, 1, budget // expand, expand,
+                 aggregation, max_steps, step_tokens, lookahead, sampling, "beam")
+
+
+@core.STRATEGIES.register("dvts")
+def dvts(problems, policy, verifier, budget, seed, *, expand: int = 4,
+         aggregation: str = "last", max_steps: int = 16, step_tokens: int = 32,
+         lookahead: int = 0, sampling: core.Sampling = _SAMPLING) -> list[core.SearchResult]:
+  """Diverse verifier tree search with N = `budget` rows: N / `expand` independent
+  subtrees, each keeping its best live beam and forking it `expand` times per step
+  (Beeching, Tunstall & Rush 2024)."""
+  _check_width(budget, expand, "dvts")
+  return _search(problems, policy, verifier, budget, seed, budget // expand, 1, expand,
+                 aggregation, max_steps, step_tokens, lookahead, sampling, "dvts")
+
+
+def _check_width(budget: int, expand: int, name: str) -> None:
+  if expand < 1 or budget % expand:
+    raise errors.ConfigError(f"search strategy {name!r}: expand={expand} must be >= 1 and "
+                             f"divide the budget {budget}")
