@@ -46,3 +46,20 @@ def exit_with(error) -> None:
   name = type(error).__name__ if isinstance(error, BaseException) else "error"
   print(f"o3lite: {name}: {message}", file=sys.stderr, flush=True)
   sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for the entry points, but a bad flag or config override is one
+  line (`o3lite: config error: ...`) and exit status 1."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, and config_flags' KeyError/AttributeError/...
+    while e.args and isinstance(e.args[0], BaseException):  # Unwrap nested re-raises.
+      e = e.args[0]
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, KeyError):
+      message = f"unknown config key {message}"
+    message = " ".join(message.split())
+    print(f"o3lite: config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,4 +1,9 @@
-r"""Entry point: evaluate a training run's checkpoint on a held-out split.
+r"""Entry point: evaluate a training run's checkpoint on a held-out split, or sweep
+test-time search strategies.
+
+  python -m o3lite.evaluate --config=configs/test_time.py --workdir=DIR
+      # every strategy of the config at every budget: DIR/test_time.{json,md,png}
+      # (o3lite/search/sweep.py); overrides as in training: --config.num_problems=50
 
   python -m o3lite.evaluate --workdir=DIR [--split=test] [--num_examples=500]
       [--mesh_shape=-1,1,1]   # another mesh than the run's (e.g. fewer devices)
@@ -13,9 +18,12 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of a training run.",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder of a training run (or, with "
+                               "--config, the sweep's output folder).", required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A test-time sweep config (configs/test_time.py).", lock_config=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _SPLIT = flags.DEFINE_string("split", None, "Held-out split (default: the run's).")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Problems to evaluate.")
@@ -33,9 +41,20 @@ _MESH = flags.DEFINE_list("mesh_shape", None, "Mesh shape to evaluate on, e.g. -
                           "(default: the run's own, which must fit the devices here).")
 
 
+def _sweep(config) -> None:
+  from o3lite import errors  # pylint: disable=g-import-not-at-top
+  from o3lite.search import sweep  # pylint: disable=g-import-not-at-top
+  try:
+    sweep.run_sweep(config, _WORKDIR.value)
+  except errors.O3liteError as e:
+    errors.exit_with(e)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is not None:
+    return _sweep(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
   from o3lite import errors  # pylint: disable=g-import-not-at-top
   from o3lite.evaluation import heldout as evaluation  # pylint: disable=g-import-not-at-top
@@ -68,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from o3lite import errors as errors_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=errors_lib.parse_flags)

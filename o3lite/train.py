@@ -19,6 +19,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from o3lite import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/sft.py", "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -43,21 +45,6 @@ def _default_workdir(config) -> str:
   return os.path.join("runs", f"{name}-{stamp}")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad flag or config override is one line and exit status 1."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # flags.Error, and config_flags' KeyError/AttributeError/...
-    while e.args and isinstance(e.args[0], BaseException):  # Unwrap nested re-raises.
-      e = e.args[0]
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    if isinstance(e, KeyError):
-      message = f"unknown config key {message}"
-    message = " ".join(message.split())
-    print(f"o3lite: config error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -68,7 +55,6 @@ def main(argv):
   from o3lite.parallel import multiprocess as distributed
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from o3lite import errors
   from o3lite.rl import run as rl_run
   from o3lite.training import sft
   from o3lite.verifiers import filtering
@@ -93,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.parse_flags)

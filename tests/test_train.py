@@ -352,7 +352,7 @@ def test_a_bug_shows_its_traceback(tmp_path):
           "def boom(config, workdir): raise ValueError('a bug deep inside')\n"
           "sft.run_sft = boom\n"
           f"sys.argv = ['train', '--workdir={tmp_path / 'w'}']\n"
-          "app.run(t.main, flags_parser=t._parse_flags)")
+          "app.run(t.main, flags_parser=t.errors.parse_flags)")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0

@@ -76,8 +76,8 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
            labels: Sequence[float | None] | None = None) -> Encoded:
   """The verifier row of `solution` to `question`.
 
-  PRM: a read at the last token of each step (`steps`, default the solution's own
-  `split_completion`), located in the tokens by their decoded text (a token that ends a
+  PRM: a read at the last token of each step (`steps`, default the `split_completion`
+  of the tokens' decoded text), located in the tokens by their decoded text (a token that ends a
   step's text is its last token); ORM: one read, at the EOS. `labels`: one per step for a
   PRM, one (or one per step, the last taken) for an ORM; None leaves them unlabelled.
   """
@@ -90,7 +90,9 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
     label = None if not labels else labels[-1]
     return Encoded(tokens, [len(tokens) - 1], [label])
   text = tokenizer.decode(written)
-  steps = [s.text for s in steps_lib.split_completion(solution)] if steps is None else steps
+  # Without given steps, the steps of the text the tokens say (a token with no text,
+  # such as SentencePiece's unknown piece, can change a step's characters, not its line).
+  steps = [s.text for s in steps_lib.split_completion(text)] if steps is None else steps
   try:
     ends = step_ends(text, steps)
   except errors.DataError as e:
