@@ -18,12 +18,19 @@ CONFIG_FILES = sorted(
 
 def test_there_are_configs():
   assert {"sft", "sft_answer_only", "sft_addition", "sft_multiplication", "rl", "grpo",
-          "rl_qwen_gsm8k", "orm", "prm"} <= set(CONFIG_FILES)
+          "rl_qwen_gsm8k", "orm", "prm", "sft_filtered", "test_time"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_builds(name):
   config = importlib.import_module(f"configs.{name}").get_config()
+  if config.method == "test_time":  # A sweep config: strategies, not a training run.
+    from o3lite.search import sweep  # pylint: disable=g-import-not-at-top
+    sweep.validate(config)
+    config.lock()
+    with pytest.raises(AttributeError):
+      config.num_problemz = 3
+    return
   model_cfg = trainer.model_config_from(config.model, vocab_size=100)
   assert isinstance(model_cfg, model_lib.ModelConfig)
   assert config.train.batch_size % config.train.grad_accum_steps == 0
