@@ -95,8 +95,8 @@ def _run(name, policy, verifier=None, budget=N, **options):
 
 
 def test_the_strategies_are_registered():
-  assert sorted(core.STRATEGIES) == ["beam", "best_of_n", "dvts", "majority",
-                                    "think_budget", "wait", "weighted_majority"]
+  assert sorted(core.STRATEGIES) == ["beam", "best_of_n", "dvts", "majority", "mcts",
+                                    "revise", "think_budget", "wait", "weighted_majority"]
   assert sorted(best_of_n_lib.AGGREGATIONS) == ["last", "min", "prod"]
 
 
@@ -256,8 +256,8 @@ def test_bad_input_is_one_line(policy):
   run = lambda name="best_of_n", budget=N, verifier=prm, problems=PROBLEMS, **o: (
       core.run_strategy(name, problems, policy, verifier, budget, SEED, **o))
   _one_line(errors.ConfigError, r"^unknown search strategy 'beem'; registered: "
-            r"\['beam', 'best_of_n', 'dvts', 'majority', 'think_budget', 'wait', "
-                r"'weighted_majority'\]$", lambda: run("beem"))
+            r"\['beam', 'best_of_n', 'dvts', 'majority', 'mcts', 'revise', 'think_budget', "
+            r"'wait', 'weighted_majority'\]$", lambda: run("beem"))
   for budget in (0, -4, 2.5, "8", True, None):
     _one_line(errors.ConfigError, "^search budget .*: expected a positive int$",
               lambda: run(budget=budget))

@@ -4,4 +4,4 @@ Importing the package imports every strategy module, so the registry is full whi
 module a caller imports first.
 """
 
-from o3lite.search import best_of_n, budget, tree, voting  # noqa: F401  (registering)
+from o3lite.search import best_of_n, budget, mcts, revise, tree, voting  # noqa: F401  (registering)
