@@ -263,3 +263,15 @@ def test_empty_missing_and_unwritable_records(tmp_path):
   with pytest.raises(errors.DataError, match=r"out.jsonl: record 0: labels\[2\] = 2 is not"):
     label_files.write_labelled(str(path), [record])
   assert not path.exists()
+
+
+def test_char_offsets_fast_and_in_context():
+  tok = _CharTokenizer()
+  ids = tok.encode(RIGHT)
+  slow = [len(tok.decode(ids[:j])) for j in range(len(ids) + 1)]
+  assert steps_lib.char_offsets(ids, tok.decode) == slow
+  # Pieces that decode differently at the start (a leading space dropped, as
+  # SentencePiece's "▁"): per-token texts do not add up, so prefixes are decoded.
+  pieces = [" a", " b", "c"]
+  decode = lambda ids: "".join(pieces[i] for i in ids).lstrip(" ")
+  assert steps_lib.char_offsets([0, 1, 2], decode) == [0, 1, 3, 4]

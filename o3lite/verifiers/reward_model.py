@@ -98,7 +98,7 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
   except errors.DataError as e:
     raise errors.DataError(f"{e} once tokenized and decoded: the tokenizer cannot place "
                            "its steps") from None
-  offsets = np.array([len(tokenizer.decode(written[:j])) for j in range(len(written) + 1)])
+  offsets = np.array(steps_lib.char_offsets(written, tokenizer.decode))
   # The fewest tokens whose text reaches the step's end; the last of them is read.
   reads = [len(prompt) + int(np.argmax(offsets >= end)) - 1 for end in ends]
   labels = [None] * len(steps) if labels is None else list(labels)
@@ -113,7 +113,7 @@ def encode_sampled(prompt: Sequence[int], written: Sequence[int], tokenizer: Any
   `reads[i] - len(prompt)` indexes the completion token that ends step i."""
   text = tokenizer.decode(written)
   found = steps_lib.split_completion(text)
-  offsets = np.array([len(tokenizer.decode(written[:j])) for j in range(len(written) + 1)])
+  offsets = np.array(steps_lib.char_offsets(written, tokenizer.decode))
   reads = [len(prompt) + int(np.argmax(offsets >= s.end)) - 1 for s in found]
   return Encoded(list(prompt) + list(written) + [tokenizer.eos_id], reads, [None] * len(reads))
 

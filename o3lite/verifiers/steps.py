@@ -22,6 +22,7 @@ spacing are not compared: only the value the step computes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from typing import Callable, Sequence
 
@@ -76,6 +77,18 @@ def split_completion(completion: str) -> list[Step]:
   return steps
 
 
+def char_offsets(tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) -> list[int]:
+  """len(decode(tokens[:j])) for j = 0 .. len(tokens): where each token's text ends.
+
+  One decode per token when the tokens' texts concatenate to the whole text (the usual
+  case); else one decode per prefix (a tokenizer whose pieces decode differently in
+  context)."""
+  pieces = [decode([t]) for t in tokens]
+  if "".join(pieces) == decode(tokens):
+    return [0, *itertools.accumulate(len(p) for p in pieces)]
+  return [len(decode(tokens[:j])) for j in range(len(tokens) + 1)]
+
+
 def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
                 steps: Sequence[Step]) -> list[TokenSpan]:
   """Where `steps` (of the text `decode(tokens)`) are in `tokens`.
@@ -83,7 +96,7 @@ def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
   A token belongs to the step its text overlaps; a token that also holds the start of
   the next step (a merged "\\n3") ends the prefix after it. Cost: one decode per prefix.
   """
-  offsets = [len(decode(tokens[:j])) for j in range(len(tokens) + 1)]
+  offsets = char_offsets(tokens, decode)
 
   def first_reaching(position: int) -> int:  # Fewest tokens whose text reaches it.
     return next((j for j, n in enumerate(offsets) if n >= position), len(tokens))
