@@ -59,7 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
                      max_steps=8),
       "dvts": _entry("dvts", "prm", (4, 8, 16, 32, 64), expand=4, step_tokens=16,
                      max_steps=8),
-      "mcts": _entry("mcts", "prm", (4, 8, 16, 32), expand=4, step_tokens=16, max_steps=8),
+      # MCTS: each simulation expands one leaf by a step; rollouts finish the children,
+      # so every simulation count has finished candidates (value: the PRM's min).
+      "mcts": _entry("mcts", "prm", (4, 8, 16, 32), expand=4, step_tokens=16, max_steps=8,
+                     value="rollout", aggregation="min"),
       "revise": _entry("revise", "prm", (1, 2, 4)),
       # s1's budget forcing decodes greedily: one completion, its thinking capped.
       "think_budget": _entry("think_budget", "", (4, 8, 16, 32),

@@ -37,7 +37,8 @@ def _forced(problems: list[dict], policy: core.Policy, seed: int, sampling: core
   cfg = dataclasses.replace(sampling.config(tok, 1), think_end_id=think_end_id, **forcing)
   prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
   rows = sampler.sample(policy.params, prompts, policy.model_cfg, cfg,
-                        sampling.problems_per_call(1), jax.random.PRNGKey(seed),
+                        min(sampling.problems_per_call(1), len(problems)),
+                        jax.random.PRNGKey(seed),
                         policy.mesh, policy.rules)
   out = []
   for prompt, (completion,) in zip(prompts, rows):

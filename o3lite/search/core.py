@@ -161,7 +161,8 @@ def draw(problems: Sequence[dict], policy: Policy, num_samples: int, seed: int,
   prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
   drawn = sampler.sample(policy.params, prompts, policy.model_cfg,
                          sampling.config(tok, num_samples),
-                         sampling.problems_per_call(num_samples), jax.random.PRNGKey(seed),
+                         min(sampling.problems_per_call(num_samples), len(problems)),
+                         jax.random.PRNGKey(seed),
                          policy.mesh, policy.rules)
   out = []
   for prompt, completions in zip(prompts, drawn):

@@ -290,7 +290,7 @@ def _check(problems: list[dict], trees: list[list[Node]], pools: list[list[int]]
   if not jobs:
     return
   got = revise_lib.complete(checker, prefixes, sampling.config(tok, 1), key,
-                            sampling.problems_per_call(1))
+                            min(sampling.problems_per_call(1), len(prefixes)))
   for (p, i, answer, cut), completion in zip(jobs, got):
     theirs = formatting.parse_answer(cut + tok.decode(completion.tokens))
     trees[p][i].agrees = theirs == answer
@@ -341,7 +341,8 @@ def mcts(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget: i
                              f"not {type(checker).__name__}")
   tok = policy.tokenizer
   search_key, check_key = jax.random.split(jax.random.PRNGKey(seed))
-  per_call = revise_lib.rows_per_call(policy, sampling.problems_per_call(expand))
+  per_call = revise_lib.rows_per_call(
+      policy, min(sampling.problems_per_call(expand), len(problems)))
   prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
   trees, generated, spent = [], [], []
   for call, begin in enumerate(range(0, len(problems), per_call)):

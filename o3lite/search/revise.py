@@ -143,7 +143,8 @@ def revise(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget:
     if not revising:
       break
     got = complete(policy, [drawn[p].prompt + chains[p][-1].kept for p in revising], cfg,
-                   jax.random.fold_in(key, r + 1), sampling.problems_per_call(1))
+                   jax.random.fold_in(key, r + 1),
+                   min(sampling.problems_per_call(1), len(drawn)))
     for p, completion in zip(revising, got):
       chains[p].append(_Revision(chains[p][-1].kept + completion.tokens))
       generated[p] += len(completion.tokens) + int(completion.finished)

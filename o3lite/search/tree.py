@@ -113,7 +113,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
   tok, where = policy.tokenizer, {"mesh": policy.mesh, "rules": policy.rules}
   cfg = _step_config(policy, sampling, step_tokens, N)
   greedy = _step_config(policy, sampling, step_tokens, 1, greedy=True)
-  per_call = sampling.problems_per_call(N)
+  per_call = min(sampling.problems_per_call(N), len(problems))
   key = jax.random.PRNGKey(seed)
   results = []
   for c, begin in enumerate(range(0, len(problems), per_call)):
@@ -124,7 +124,9 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
     B = state.batch_size  # per_call x N rows, padding problems' included.
     P = B // N
     examples = [chunk[min(b // N, len(chunk) - 1)] for b in range(B)]
-    rows = [_Row([]) for _ in range(B)]
+    # Rows of padding problems (a short last chunk) are dead from the start: never
+    # continued, scored or waited for.
+    rows = [_Row([], live=b // N < len(chunk)) for b in range(B)]
     generated, spent = np.zeros(P, np.int64), np.zeros(P, np.int64)
     finished: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(P)]
     trees: list[list[list[dict]]] = [[] for _ in range(P)]
