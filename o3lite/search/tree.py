@@ -152,6 +152,8 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       for b, steps in zip(todo, scored):
         rows[b].score = steps[-1] if steps else best_of_n.NO_STEPS
       for p in range(len(chunk)):
+        if all(r.tokens is None for r in rows[p * N:(p + 1) * N]):
+          continue  # Its search ended at an earlier level (others in the call go on).
         trees[p].append([{"parent": parents[p * N + q] - p * N if it else -1,
                           "text": None if r.tokens is None else tok.decode(r.tokens),
                           "score": float(r.score), "live": r.live}
