@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import set_fields
 from o3lite import errors
 from o3lite.data import formatting
 from o3lite.model import transformer as model_lib
@@ -173,13 +174,7 @@ def _verifier_config(data_dir, **overrides):
             "verifier.monte_carlo.k": 2, "verifier.monte_carlo.batch_size": 8,
             "verifier.num_steps": 6, "verifier.batch_size": 8, "verifier.log_every": 3,
             "verifier.checkpoint_every": 3, "verifier.eval_batch_size": 8, **overrides}
-  for key, value in values.items():
-    *path, name = key.split(".")
-    section = c
-    for p in path:
-      section = section[p]
-    section[name] = value
-  return c
+  return set_fields(c, values)
 
 
 @pytest.fixture(scope="module")
