@@ -85,37 +85,43 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
     raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
   prompt = tokenizer.encode(formatting.format_prompt(question))
   written = tokenizer.encode(solution)
-  tokens = prompt + written + [tokenizer.eos_id]
   if kind == "orm":
-    label = None if not labels else labels[-1]
-    return Encoded(tokens, [len(tokens) - 1], [label])
-  text = tokenizer.decode(written)
-  # Without given steps, the steps of the text the tokens say (a token with no text,
-  # such as SentencePiece's unknown piece, can change a step's characters, not its line).
-  steps = [s.text for s in steps_lib.split_completion(text)] if steps is None else steps
-  try:
-    ends = step_ends(text, steps)
-  except errors.DataError as e:
-    raise errors.DataError(f"{e} once tokenized and decoded: the tokenizer cannot place "
-                           "its steps") from None
-  offsets = np.array(steps_lib.char_offsets(written, tokenizer.decode))
-  # The fewest tokens whose text reaches the step's end; the last of them is read.
-  reads = [len(prompt) + int(np.argmax(offsets >= end)) - 1 for end in ends]
-  labels = [None] * len(steps) if labels is None else list(labels)
-  if len(labels) != len(steps):
-    raise errors.DataError(f"{len(labels)} labels for {len(steps)} steps")
-  return Encoded(tokens, reads, labels)
+    tokens = prompt + written + [tokenizer.eos_id]
+    return Encoded(tokens, [len(tokens) - 1], [labels[-1] if labels else None])
+  return _prm_row(prompt, written, tokenizer, steps, labels)
 
 
 def encode_sampled(prompt: Sequence[int], written: Sequence[int], tokenizer: Any) -> Encoded:
   """The PRM row of a sampled completion, in the tokens the policy wrote (no
   re-tokenization): reads at the last token of each step of `decode(written)`, so
   `reads[i] - len(prompt)` indexes the completion token that ends step i."""
+  return _prm_row(list(prompt), list(written), tokenizer)
+
+
+def _prm_row(prompt: list[int], written: list[int], tokenizer: Any,
+             steps: Sequence[str] | None = None,
+             labels: Sequence[float | None] | None = None) -> Encoded:
+  """prompt + written + EOS with a read at the last token of each step: `steps` found
+  in order in the tokens' decoded text, or (None) that text's own steps (a token with no
+  text, such as SentencePiece's unknown piece, can change a step's characters, not its
+  line)."""
   text = tokenizer.decode(written)
-  found = steps_lib.split_completion(text)
+  if steps is None:
+    found = steps_lib.split_completion(text)
+    steps, ends = [x.text for x in found], [x.end for x in found]
+  else:
+    try:
+      ends = step_ends(text, steps)
+    except errors.DataError as e:
+      raise errors.DataError(f"{e} once tokenized and decoded: the tokenizer cannot "
+                             "place its steps") from None
   offsets = np.array(steps_lib.char_offsets(written, tokenizer.decode))
-  reads = [len(prompt) + int(np.argmax(offsets >= s.end)) - 1 for s in found]
-  return Encoded(list(prompt) + list(written) + [tokenizer.eos_id], reads, [None] * len(reads))
+  # The fewest tokens whose text reaches the step's end; the last of them is read.
+  reads = [len(prompt) + int(np.argmax(offsets >= end)) - 1 for end in ends]
+  labels = [None] * len(steps) if labels is None else list(labels)
+  if len(labels) != len(steps):
+    raise errors.DataError(f"{len(labels)} labels for {len(steps)} steps")
+  return Encoded(prompt + written + [tokenizer.eos_id], reads, labels)
 
 
 def check_same_tokenizer(a: Any, b: Any, what: str) -> None:
@@ -249,12 +255,9 @@ class Verifier:
     self.seq_len, self.mesh, self.rules = seq_len, mesh, rules
     shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, rules)
     self.batch_size = -(-batch_size // shards) * shards
-    probability = lambda p, b: jax.nn.sigmoid(logits(p, b, model_cfg))
-    if mesh is None:
-      self._probability = jax.jit(probability)
-    else:
+    self._probability = jax.jit(lambda p, b: jax.nn.sigmoid(logits(p, b, model_cfg)))
+    if mesh is not None:
       self._batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-      self._probability = jax.jit(probability, out_shardings=None)
     self.tokens_scored = 0  # Solution + prompt tokens through the model (compute accounting).
 
   def _probabilities(self, encoded: Sequence[Encoded]) -> list[list[float]]:
