@@ -55,10 +55,7 @@ def algo_config(rl_cfg: ml_collections.ConfigDict) -> alg.RLAlgoConfig:
 
 
 def _warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  sft_config = ml_collections.ConfigDict(config.to_dict())
-  del sft_config["rl"]
-  sft_config.method = "sft"
-  return sft_config
+  return run_folder.stage_config(config, "sft", ("rl",))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

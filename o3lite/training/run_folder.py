@@ -91,6 +91,17 @@ def _diff(saved: Any, new: Any, prefix: str) -> str | None:
   return None if saved == new else f"{prefix}={new!r} (saved: {saved!r})"
 
 
+def stage_config(config: ml_collections.ConfigDict, method: str,
+                 drop: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """A copy of `config` for one stage of a bigger run (an SFT warm start inside RL, a
+  verifier inside filtering): the `drop` sections removed, `method` set."""
+  stage = ml_collections.ConfigDict(config.to_dict())
+  for section in drop:
+    del stage[section]
+  stage.method = method
+  return stage
+
+
 def check_rerun(workdir: str, config: ml_collections.ConfigDict,
                 model_cfg: model_lib.ModelConfig, sections: tuple[str, ...] = _FIXED
                 ) -> None:

@@ -86,17 +86,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _verifier_config(config):
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["filter"]
-  c.method = "verifier"
-  return c
+  return run_folder.stage_config(config, "verifier", ("filter",))
 
 
 def _sft_config(config):
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["filter"], c["verifier"]
-  c.method = "sft"
-  return c
+  return run_folder.stage_config(config, "sft", ("filter", "verifier"))
 
 
 def run_filtered_sft(config: ml_collections.ConfigDict, workdir: str) -> sft_lib.SFTResult:

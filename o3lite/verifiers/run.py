@@ -51,10 +51,7 @@ TRAIN_LABELS, EVAL_LABELS = "labels/train.jsonl", "labels/eval.jsonl"
 
 
 def _policy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  policy = ml_collections.ConfigDict(config.to_dict())
-  del policy["verifier"]
-  policy.method = "sft"
-  return policy
+  return run_folder.stage_config(config, "sft", ("verifier",))
 
 
 def _is_run(path: str) -> bool:
