@@ -24,13 +24,17 @@ class ScalarHead(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None):
-    x_BxTxD, _ = Transformer(self.config, hidden=True, name="trunk")(
-        tokens_BxT, positions_BxT, segment_ids_BxT)
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None,
+               fresh_cache: bool = False):
+    """The scalars [B, T]; with a KV `cache` (the trunk's, as `Transformer` takes it),
+    `(scalars, new cache)`: a reader that scores tokens as they are written."""
+    x_BxTxD, new_cache = Transformer(self.config, hidden=True, name="trunk")(
+        tokens_BxT, positions_BxT, segment_ids_BxT, cache, fresh_cache)
     head_D = param(self, "head", nn.initializers.zeros, (self.config.embed_dim,),
                    ("embed",))
     bias = param(self, "bias", nn.initializers.zeros, (), ())
-    return jnp.einsum("btd,d->bt", x_BxTxD, head_D) + bias
+    values_BxT = jnp.einsum("btd,d->bt", x_BxTxD, head_D) + bias
+    return values_BxT if cache is None else (values_BxT, new_cache)
 
 
 def init_scalar_head(config: ModelConfig, rng: jax.Array) -> Any:

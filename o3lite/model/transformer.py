@@ -321,7 +321,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
   """Returns `(logits_BxTxV in fp32, new_cache or None)`; with `hidden=True`, the final
-  normed hidden states `x_BxTxD` (fp32) instead of logits (same parameters)."""
+  normed hidden states `x_BxTxD` (fp32) instead of logits (same parameters, same cache)."""
 
   config: ModelConfig
   hidden: bool = False
@@ -370,25 +370,26 @@ class Transformer(nn.Module):
       out_DxV = param(self, "lm_head", _kernel_init, (cfg.embed_dim, cfg.vocab_size),
                        ("embed", "vocab"))
     if self.hidden:
-      return x_BxTxD.astype(jnp.float32), None
-    if cfg.tie_embeddings:  # [V, D], used transposed without a copy.
-      logits_BxTxV = kernels.einsum("btd,vd->btv", x_BxTxD,
-                                    embedding_VxD.astype(cfg.compute_dtype), cfg.kernels)
+      out = x_BxTxD.astype(jnp.float32)
+    elif cfg.tie_embeddings:  # [V, D], used transposed without a copy.
+      out = kernels.einsum("btd,vd->btv", x_BxTxD, embedding_VxD.astype(cfg.compute_dtype),
+                           cfg.kernels)
     else:
-      logits_BxTxV = kernels.einsum("btd,dv->btv", x_BxTxD,
-                                    out_DxV.astype(cfg.compute_dtype), cfg.kernels)
-    logits_BxTxV = nn.with_logical_constraint(
-        logits_BxTxV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
+      out = kernels.einsum("btd,dv->btv", x_BxTxD, out_DxV.astype(cfg.compute_dtype),
+                           cfg.kernels)
+    if not self.hidden:
+      out = nn.with_logical_constraint(out.astype(jnp.float32),
+                                       ("batch", "length", "activation_vocab"))
 
     if cache is None:
-      return logits_BxTxV, None
+      return out, None
     if fresh_cache:
       k_segment_BxS = jax.lax.dynamic_update_slice(
           cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), (0, 0))
     written_B = jnp.sum(segment_ids_BxT != 0, axis=1).astype(jnp.int32)
     end_B = written_B if fresh_cache else cache["end_index"] + written_B
     new_cache = {"end_index": end_B, "segment_ids": k_segment_BxS, "layers": new_layers}
-    return logits_BxTxV, new_cache
+    return out, new_cache
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:

@@ -155,7 +155,7 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
   end_B = state.cache["end_index"]
   positions_BxT1 = end_B[:, None] + jnp.arange(T + 1, dtype=jnp.int32)[None]
   segments_BxT1 = (jnp.arange(T + 1)[None] < fed_len_B[:, None]).astype(jnp.int32)
-  cache = _resize_cache(state.cache, capacity)
+  cache = resize_cache(state.cache, capacity)
   logits_BxTxV, cache = model_lib.Transformer(model_cfg).apply(
       {"params": params}, fed_BxT1, positions_BxT1, segments_BxT1, cache,
       logits_index_B=None if score else jnp.maximum(fed_len_B - 1, 0))
@@ -210,7 +210,7 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
   slots = state.cache["segment_ids"].shape[1]
   segments = -(-cfg.max_new_tokens // cfg.segment)
   for k in range(segments):
-    cache = _resize_cache(state.cache, slots + k * cfg.segment)
+    cache = resize_cache(state.cache, slots + k * cfg.segment)
     room = cache["segment_ids"].shape[1]
     state = jax.lax.while_loop(
         lambda s, room=room: ((s.step < cfg.max_new_tokens) & ~jnp.all(s.done_B)
@@ -228,7 +228,7 @@ def grown_cache_donation_expected():
     yield
 
 
-def _resize_cache(cache: model_lib.Cache, slots: int) -> model_lib.Cache:
+def resize_cache(cache: model_lib.Cache, slots: int) -> model_lib.Cache:
   """The cache zero-padded (empty slots, segment id 0) or cut to `slots` slots."""
   extra = slots - cache["segment_ids"].shape[1]
   if extra == 0:

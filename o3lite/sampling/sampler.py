@@ -50,7 +50,7 @@ class Completion:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Placement:
+class Placement:
   """Where rows live: the default device, or split over a mesh's batch axes."""
 
   mesh: jax.sharding.Mesh | None = None
@@ -80,8 +80,8 @@ class _Placement:
                              f"batch shards: use a multiple of {self.shards}")
 
 
-def _placement(mesh, rules) -> _Placement:
-  return _Placement(mesh, None if rules is None else tuple(rules))
+def placement(mesh, rules) -> Placement:
+  return Placement(mesh, None if rules is None else tuple(rules))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -110,7 +110,7 @@ def start(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelCo
   """Prefill + decode of one batch: rows [i * num_samples, (i + 1) * num_samples) are
   prompt i's samples. The batch is padded (copies of the first prompt) to `batch_size`
   prompts and to a multiple of the mesh's batch shards."""
-  where = _placement(mesh, rules)
+  where = placement(mesh, rules)
   batch_size = _round_up(max(batch_size or 0, len(prompts)), where.shards)
   prompt_BxP, prompt_len_B = pad_prompts(prompts, batch_size, cfg)
   placed = where.put(prompt=prompt_BxP, length=prompt_len_B)
@@ -126,7 +126,7 @@ def prime(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelCo
   """One row per prompt (their count a multiple of the mesh's batch shards), each in the
   cache but its last token, which is pending: `continue_` with an empty suffix samples
   exactly what `start` would, and `extend(..., score=True)` scores continuations."""
-  where = _placement(mesh, rules)
+  where = placement(mesh, rules)
   where.check_rows(len(prompts))
   prompt_BxP, prompt_len_B = pad_prompts(prompts, len(prompts), cfg)
   placed = where.put(prompt=prompt_BxP, length=prompt_len_B)
@@ -139,7 +139,7 @@ def prime(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelCo
 def fork(state: SamplingState, rows: Sequence[int], mesh=None, rules=None) -> SamplingState:
   """Row r of the result is a copy of row rows[r] of `state`, cache included (nothing is
   recomputed): k continuations of one prefix are k copies of its row."""
-  where = _placement(mesh, rules)
+  where = placement(mesh, rules)
   where.check_rows(len(rows))
   with where.context():
     return decoding.fork(state, where.put(rows=np.asarray(rows, np.int32))["rows"])
@@ -157,7 +157,7 @@ def extend(params, state: SamplingState, suffixes: Sequence[Sequence[int] | None
   B = state.batch_size
   if len(suffixes) != B:
     raise errors.DataError(f"{len(suffixes)} suffixes for a state of {B} rows")
-  where = _placement(mesh, rules)
+  where = placement(mesh, rules)
   feed = np.broadcast_to(np.asarray(feed_last, bool), (B,)) & np.array(
       [s is not None for s in suffixes])
   lengths = np.array([len(s or ()) for s in suffixes], np.int32)
@@ -187,7 +187,7 @@ def continue_(params, state: SamplingState, suffixes: Sequence[Sequence[int] | N
   """`extend`, then decode on: row b continues from its tokens so far + suffixes[b] as
   if it had been sampled from that whole prefix (rows given None stay done)."""
   state, _ = extend(params, state, suffixes, model_cfg, cfg, rng, mesh, rules, feed_last)
-  with _placement(mesh, rules).context(), grown_cache_donation_expected():
+  with placement(mesh, rules).context(), grown_cache_donation_expected():
     return decoding.decode(params, state, model_cfg, cfg)
 
 
@@ -210,7 +210,7 @@ def sample(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelC
   """`num_samples` completions for each prompt, in order; prompts go `batch_size` at a
   time (one compiled shape; on a mesh, rounded up to fill its batch shards)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  batch_size = _round_up(batch_size, _placement(mesh, rules).shards)  # Padding rows fill it.
+  batch_size = _round_up(batch_size, placement(mesh, rules).shards)  # Padding rows fill it.
   S, results = sampling_cfg.num_samples, []
   for chunk_index, begin in enumerate(range(0, len(prompts), batch_size)):
     chunk = prompts[begin:begin + batch_size]
@@ -235,7 +235,7 @@ def score(params, prefixes: Sequence[Sequence[int]], continuations: Sequence[Seq
   call; within a call each distinct prefix is computed once and forked."""
   if len(prefixes) != len(continuations):
     raise errors.DataError(f"{len(prefixes)} prefixes for {len(continuations)} continuations")
-  where = _placement(mesh, rules)
+  where = placement(mesh, rules)
   batch_size = _round_up(batch_size, where.shards)
   out = []
   for begin in range(0, len(prefixes), batch_size):

@@ -5,7 +5,9 @@ delimiter) or to EOS. Each problem keeps N rows in the sampler; one iteration:
 
   1. every live row writes one more step (`sampler.continue_` from its kept state: no
      prefix is ever recomputed);
-  2. the PRM scores each live row's newest step, p = P(step correct | steps so far)
+  2. the PRM scores each live row's newest step, p = P(step correct | steps so far),
+     from the step's own tokens: each row keeps the PRM's KV cache of its tokens,
+     forked with it (`verifiers.step_reader`; an external PRM re-reads rows whole)
      (with `lookahead` L > 0: the score of the step L greedy steps further on, from a
      throwaway fork, as Snell et al.'s lookahead search);
   3. rows are split into `groups` of N / groups rows; in each group the `keep` best live
@@ -38,6 +40,7 @@ from o3lite.sampling import sampler
 from o3lite.sampling import stops as stops_lib
 from o3lite.search import best_of_n
 from o3lite.search import core
+from o3lite.verifiers import step_reader
 
 
 def select(scores: Sequence[float], live: Sequence[bool], groups: int, keep: int,
@@ -62,9 +65,10 @@ def select(scores: Sequence[float], live: Sequence[bool], groups: int, keep: int
 
 @dataclasses.dataclass
 class _Row:
-  tokens: list[int]  # The row's completion so far (stops included, EOS excluded).
+  tokens: list[int] | None  # The row's completion so far (stops included, EOS excluded).
   live: bool = True
-  score: float = 0.5  # The PRM's score of its newest step.
+  steps: tuple[float, ...] = ()  # The PRM's score of each of its steps so far.
+  score: float = best_of_n.NO_STEPS  # What it is ranked by: its newest step's score.
 
 
 def _step_config(policy: core.Policy, sampling: core.Sampling, step_tokens: int,
@@ -76,14 +80,14 @@ def _step_config(policy: core.Policy, sampling: core.Sampling, step_tokens: int,
       num_samples=num_samples, stops=stops_lib.stop_set(tok, ["\n"]).stops)
 
 
-def _lookahead(policy: core.Policy, state, rows: list[_Row], steps: int,
+def _lookahead(policy: core.Policy, state, live: list[bool], steps: int,
                cfg: sampler.SamplingConfig, generated: np.ndarray, N: int) -> list[list[int]]:
   """The tokens `steps` greedy steps add to each live row, from a throwaway fork of the
   state (the rows themselves are not moved); their tokens are counted in `generated`."""
   where = {"mesh": policy.mesh, "rules": policy.rules}
-  ahead = sampler.fork(state, list(range(len(rows))), **where)
-  extra = [[] for _ in rows]
-  going = [r.live for r in rows]
+  ahead = sampler.fork(state, list(range(len(live))), **where)
+  extra = [[] for _ in live]
+  going = list(live)
   for _ in range(steps):
     if not any(going):
       break
@@ -97,12 +101,18 @@ def _lookahead(policy: core.Policy, state, rows: list[_Row], steps: int,
   return extra
 
 
+def _spend(verifier: Any, before: int, spent: np.ndarray, tokens_P: Sequence[int]) -> None:
+  """The verifier's tokens since `before`, split over the problems by `tokens_P`."""
+  spent += np.asarray(core.split_count(verifier.tokens_scored - before, tokens_P))
+
+
 def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, seed: int,
             groups: int, keep: int, expand: int, aggregation: str, max_steps: int,
             step_tokens: int, lookahead: int, sampling: core.Sampling, name: str
             ) -> list[core.SearchResult]:
   """The iterations of the module docstring, `sampling.problems_per_call(N)` problems at
-  a time."""
+  a time; the PRM reads each step once, as it is written (`verifiers.step_reader`: its
+  KV cache per row is forked with the sampler's rows)."""
   if core.verifier_kind(verifier, name) != "prm":
     raise errors.ConfigError(f"search strategy {name!r} scores steps: it needs a PRM")
   aggregate = best_of_n.AGGREGATIONS.lookup(aggregation)
@@ -123,45 +133,53 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
                           jax.random.fold_in(key, c), batch_size=per_call, **where)
     B = state.batch_size  # per_call x N rows, padding problems' included.
     P = B // N
-    examples = [chunk[min(b // N, len(chunk) - 1)] for b in range(B)]
+    spent = np.zeros(P, np.int64)
+    before = verifier.tokens_scored
+    reader = step_reader.make(verifier, prompts + [prompts[0]] * (P - len(chunk)),
+                              chunk + [chunk[0]] * (P - len(chunk)), tok, copies=N)
+    _spend(verifier, before, spent, [len(p) for p in prompts] + [0] * (P - len(chunk)))
     # Rows of padding problems (a short last chunk) are dead from the start: never
     # continued, scored or waited for.
     rows = [_Row([], live=b // N < len(chunk)) for b in range(B)]
-    generated, spent = np.zeros(P, np.int64), np.zeros(P, np.int64)
-    finished: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(P)]
+    generated = np.zeros(P, np.int64)
+    finished: list[list[tuple[list[int], tuple[float, ...]]]] = [[] for _ in range(P)]
     trees: list[list[list[dict]]] = [[] for _ in range(P)]
     parents = [b % N for b in range(B)]  # Row q of a block came from row parents[q].
     for it in range(max_steps):
-      # 1. This call's step joins each live row.
+      # 1. This call's step joins each live row; the PRM reads it.
+      new: list[list[int] | None] = [None] * B
       for b, got in enumerate(sampler.completions(state, cfg)):
         if rows[b].live:
+          new[b] = got.tokens
           rows[b].tokens = rows[b].tokens + got.tokens
           generated[b // N] += len(got.tokens) + int(got.finished)
           rows[b].live = got.stop not in (sampler.STOP_EOS, sampler.STOP_NONE)
-      # 2. The PRM scores every row still in play (live, or ended just now).
-      extra = (_lookahead(policy, state, rows, lookahead, greedy, generated, N)
-               if lookahead else [[] for _ in rows])
-      todo = [b for b in range(B) if rows[b].tokens is not None and b // N < len(chunk)]
       before = verifier.tokens_scored
-      scored = verifier.score_steps([examples[b] for b in todo],
-                                    [tok.decode(rows[b].tokens + extra[b]) for b in todo])
-      spent += np.asarray(core.split_count(
-          verifier.tokens_scored - before,
-          [sum(len(rows[b].tokens) + len(extra[b]) for b in todo if b // N == p)
-           for p in range(P)]))
-      for b, steps in zip(todo, scored):
-        rows[b].score = steps[-1] if steps else best_of_n.NO_STEPS
+      for b, scores in enumerate(reader.extend(new)):
+        rows[b].steps += tuple(scores)
+        rows[b].score = rows[b].steps[-1] if rows[b].steps else best_of_n.NO_STEPS
+      # 2. With lookahead, a live row is ranked by its step `lookahead` greedy steps on.
+      if lookahead:
+        extra = _lookahead(policy, state, [r.live for r in rows], lookahead, greedy,
+                           generated, N)
+        for b, scores in enumerate(reader.peek(extra)):
+          if scores:
+            rows[b].score = scores[-1]
+        new = [(n or []) + e for n, e in zip(new, extra)]
+      _spend(verifier, before, spent,
+             [sum(len(n or ()) for n in new[p * N:(p + 1) * N]) for p in range(P)])
       for p in range(len(chunk)):
         if all(r.tokens is None for r in rows[p * N:(p + 1) * N]):
-          continue  # Its search ended at an earlier level (others in the call go on).
+          continue  # Its search ended at an earlier level (others in the call may go on).
         trees[p].append([{"parent": parents[p * N + q] - p * N if it else -1,
                           "text": None if r.tokens is None else tok.decode(r.tokens),
                           "score": float(r.score), "live": r.live}
                          for q, r in enumerate(rows[p * N:(p + 1) * N])])
-      for b, steps in zip(todo, scored):
-        if not rows[b].live:  # Ended: a finished candidate (no lookahead was added).
-          finished[b // N].append((rows[b].tokens, steps))
-          rows[b].tokens = None
+      for b, row in enumerate(rows):
+        if row.tokens is not None and not row.live:  # Ended: a finished candidate.
+          if b // N < len(chunk):
+            finished[b // N].append((row.tokens, row.steps))
+          row.tokens = None
       if not any(r.live for r in rows) or it == max_steps - 1:
         break
       # 3. Keep the best live rows of each group, fork them back to N rows, step on.
@@ -171,18 +189,18 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
         parents += [p * N + q for q in select([r.score for r in block],
                                               [r.live for r in block], groups, keep, expand)]
       state = sampler.fork(state, parents, **where)
-      rows = [dataclasses.replace(rows[q], tokens=None if rows[q].tokens is None
-                                  else list(rows[q].tokens)) for q in parents]
+      reader.fork(parents)
+      rows = [_Row(rows[q].tokens, rows[q].live, rows[q].steps, rows[q].score) for q in parents]
       state = sampler.continue_(policy.params, state, [[] if r.live else None for r in rows],
                                 policy.model_cfg, cfg, jax.random.fold_in(key, 1_000 * c + it + 1),
                                 **where)
     for p in range(len(chunk)):
-      pool = finished[p] or [(r.tokens, [r.score]) for r in rows[p * N:(p + 1) * N]
+      pool = finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
                              if r.tokens is not None]
       texts = [tok.decode(t) for t, _ in pool]
-      scores = [aggregate(s) if s else best_of_n.NO_STEPS for _, s in pool]
+      scores = [aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
       drawn = core.Drawn(prompts[p], [], texts, [formatting.parse_answer(t) for t in texts])
-      out = core.result(drawn, int(np.argmax(scores)), scores, [s for _, s in pool],
+      out = core.result(drawn, int(np.argmax(scores)), scores, [list(s) for _, s in pool],
                         int(spent[p]))
       out.compute.generated_tokens = int(generated[p])
       out.tree = trees[p]

@@ -45,6 +45,7 @@ from o3lite.training import state as state_lib
 from o3lite.verifiers import steps as steps_lib
 
 KINDS = ("orm", "prm")
+LENGTH_BUCKET = 32  # `Verifier` pads rows to a multiple of this (one compiled shape each).
 Batch = dict[str, Any]
 
 
@@ -115,9 +116,8 @@ def _prm_row(prompt: list[int], written: list[int], tokenizer: Any,
     except errors.DataError as e:
       raise errors.DataError(f"{e} once tokenized and decoded: the tokenizer cannot "
                              "place its steps") from None
-  offsets = np.array(steps_lib.char_offsets(written, tokenizer.decode))
-  # The fewest tokens whose text reaches the step's end; the last of them is read.
-  reads = [len(prompt) + int(np.argmax(offsets >= end)) - 1 for end in ends]
+  offsets = steps_lib.char_offsets(written, tokenizer.decode)
+  reads = [len(prompt) + t for t in steps_lib.last_tokens(offsets, ends)]
   labels = [None] * len(steps) if labels is None else list(labels)
   if len(labels) != len(steps):
     raise errors.DataError(f"{len(labels)} labels for {len(steps)} steps")
@@ -240,8 +240,10 @@ def from_policy(spec: state_lib.StateSpec, policy_params, seed: int):
 
 class Verifier:
   """A reward model ready to score solutions: its params (the ScalarHead tree), model
-  config, tokenizer and kind. Rows go `batch_size` at a time at one compiled shape
-  [batch_size, seq_len] (on a mesh, split over its batch axes).
+  config, tokenizer and kind. Rows go `batch_size` at a time, [batch_size, T] with T the
+  chunk's longest row rounded up to a multiple of `LENGTH_BUCKET` (at most `seq_len`,
+  the longest row it takes): few compiled shapes, and short solutions do not pay for
+  `seq_len` (on a mesh, rows split over its batch axes).
 
     verifier.score_steps(examples, solutions)     PRM: a probability per step
     verifier.score_outcomes(examples, solutions)  ORM: P(correct); PRM: its last step's
@@ -264,7 +266,9 @@ class Verifier:
     out = []
     for begin in range(0, len(encoded), self.batch_size):
       chunk = encoded[begin:begin + self.batch_size]
-      batch = rows(chunk, self.seq_len, self.tokenizer.pad_id, self.batch_size)
+      longest = max(len(e.tokens) for e in chunk)
+      length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.seq_len)
+      batch = rows(chunk, length, self.tokenizer.pad_id, self.batch_size)
       batch = {k: batch[k] for k in ("inputs", "positions", "segment_ids")}
       if self.mesh is None:
         p_BxT = self._probability(self.params, batch)

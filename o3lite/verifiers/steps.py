@@ -21,6 +21,7 @@ spacing are not compared: only the value the step computes.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import re
@@ -87,6 +88,13 @@ def char_offsets(tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) 
   if "".join(pieces) == decode(tokens):
     return [0, *itertools.accumulate(len(p) for p in pieces)]
   return [len(decode(tokens[:j])) for j in range(len(tokens) + 1)]
+
+
+def last_tokens(offsets: Sequence[int], ends: Sequence[int]) -> list[int]:
+  """For each character position in `ends`, the index of the last of the fewest tokens
+  whose text reaches it (`offsets` from `char_offsets`): where a verifier reads a step
+  that ends there."""
+  return [bisect.bisect_left(offsets, end) - 1 for end in ends]
 
 
 def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
