@@ -82,6 +82,19 @@ def best_of(fn, repeats: int):
   return best, result
 
 
+def best_of_interleaved(fns: Sequence[Any], repeats: int) -> list[tuple[float, Any]]:
+  """`best_of` for several functions that take turns (one untimed call each first), so
+  a slow spell of the machine hits them alike: per function (best seconds, last result)."""
+  results = [fn() for fn in fns]
+  best = [float("inf")] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      begin = time.perf_counter()
+      results[i] = fn()
+      best[i] = min(best[i], time.perf_counter() - begin)
+  return list(zip(best, results))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A GitHub Markdown table; cells are already-formatted strings (or str()-able)."""
   lines = ["| " + " | ".join(headers) + " |",

@@ -9,8 +9,9 @@ For each N in `--budgets`, on the same `--problems` held-out problems (the polic
 test split, or the default task's): `best_of_n` (N samples per problem, the PRM scores
 every candidate once) and `beam` (N beams, keep N / `--expand`, one step at a time, the
 PRM scoring every live beam after every step), both through `o3lite.search.core`; each
-path runs once untimed (compiling its shapes), then the best of `--repeats` timed runs
-counts. Reported: generated tokens per problem, verifier tokens per problem, seconds, and
+path runs once untimed (compiling its shapes), then the two take turns for `--repeats`
+timed runs each and the best of each counts (turns: a slow spell of the machine hits
+both). Reported: generated tokens per problem, verifier tokens per problem, seconds, and
 beam's wall time over best-of-N's, raw and per generated token. Target (issue 11): at
 most 1.5x (search-and-learn's beam search is about 20x best-of-N's wall time, one
 prompt at a time). Then `mcts` at `--mcts_simulations` simulations: problems per second
@@ -43,7 +44,8 @@ _STEP_TOKENS = flags.DEFINE_integer("step_tokens", 16, "Beam: most tokens per st
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 8, "Beam: most steps.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Best-of-N: most tokens.")
 _MCTS = flags.DEFINE_integer("mcts_simulations", 16, "MCTS simulations per problem.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per path (the best counts).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per path, taking turns "
+                                "(the best counts).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 8 problems, N = 4.")
 
 
@@ -79,19 +81,23 @@ def main(argv):
                            rows_per_call=max(budgets) * len(problems))
   rows, results = [], {"problems": len(problems), "budgets": budgets, "runs": []}
 
-  def timed(name, budget, **options):
-    seconds, out = common.best_of(lambda: core.run_strategy(
-        name, problems, policy, prm, budget, 0, sampling=sampling, **options),
-        _REPEATS.value)
+  def call(name, budget, **options):
+    return lambda: core.run_strategy(name, problems, policy, prm, budget, 0,
+                                     sampling=sampling, **options)
+
+  def record(name, budget, seconds, out, **options):
     gen = sum(r.compute.generated_tokens for r in out) / len(out)
     ver = sum(r.compute.verifier_tokens for r in out) / len(out)
     return {"strategy": name, "budget": budget, "seconds": seconds,
             "generated_tokens": gen, "verifier_tokens": ver, **options}
 
   for n in budgets:
-    bon = timed("best_of_n", n)
-    beam = timed("beam", n, expand=min(_EXPAND.value, n), step_tokens=_STEP_TOKENS.value,
-                 max_steps=_MAX_STEPS.value)
+    options = {"expand": min(_EXPAND.value, n), "step_tokens": _STEP_TOKENS.value,
+               "max_steps": _MAX_STEPS.value}
+    (bon_s, bon_out), (beam_s, beam_out) = common.best_of_interleaved(
+        [call("best_of_n", n), call("beam", n, **options)], _REPEATS.value)
+    bon = record("best_of_n", n, bon_s, bon_out)
+    beam = record("beam", n, beam_s, beam_out, **options)
     ratio = beam["seconds"] / bon["seconds"]
     per_token = ratio * bon["generated_tokens"] / max(beam["generated_tokens"], 1)
     results["runs"] += [bon, beam]
@@ -104,7 +110,8 @@ def main(argv):
       ["strategy", "N", "generated tok / problem", "verifier tok / problem", "seconds",
        "beam / best-of-N (raw / per generated token)"], rows))
   if "mcts" in core.STRATEGIES and _MCTS.value:
-    mcts = timed("mcts", _MCTS.value)
+    mcts = record("mcts", _MCTS.value, *common.best_of(call("mcts", _MCTS.value),
+                                                       _REPEATS.value))
     mcts["problems_per_second"] = len(problems) / mcts["seconds"]
     results["mcts"] = mcts
     print(f"mcts, {_MCTS.value} simulations: {mcts['problems_per_second']:.2f} problems/s "

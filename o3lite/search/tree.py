@@ -172,7 +172,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
         if all(r.tokens is None for r in rows[p * N:(p + 1) * N]):
           continue  # Its search ended at an earlier level (others in the call may go on).
         trees[p].append([{"parent": parents[p * N + q] - p * N if it else -1,
-                          "text": None if r.tokens is None else tok.decode(r.tokens),
+                          "text": None if r.tokens is None else reader.text(p * N + q),
                           "score": float(r.score), "live": r.live}
                          for q, r in enumerate(rows[p * N:(p + 1) * N])])
       for b, row in enumerate(rows):

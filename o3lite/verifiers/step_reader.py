@@ -147,6 +147,10 @@ class CachedReader:
     """What row `row` has written so far."""
     return list(self._texts[row].tokens)
 
+  def text(self, row: int) -> str:
+    """Its decoded text."""
+    return self._texts[row].text
+
   def _piece(self, token: int) -> str:
     if token not in self._pieces:
       self._pieces[token] = self._decode([token])
@@ -219,6 +223,9 @@ class Rereader:
 
   def tokens(self, row: int) -> list[int]:
     return list(self._tokens[row])
+
+  def text(self, row: int) -> str:
+    return self._decode(self._tokens[row])
 
   def fork(self, parents: Sequence[int]) -> None:
     self._examples = [self._examples[p] for p in parents]
