@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
       "prompt_bucket": 16,  # Prefix lengths are padded to a multiple of this.
   })
   v.soft_labels = False  # Train on the Monte Carlo fractions instead of the hard labels.
+  # PRM: one more read, at the EOS after the answer, trained on the outcome: the PRM
+  # then judges the final answer too (`score_outcomes`; search's aggregation "answer").
+  v.answer_read = False
 
   # Training (the one train step and loop; the same optimizer fields as `optimizer`).
   v.loss = "bce"  # bce | bradley_terry (orm only: correct vs wrong pairs of a question).

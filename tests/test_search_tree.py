@@ -94,3 +94,15 @@ def test_tree_search_bad_input(policy):
     _run("dvts", policy, FakeVerifier("prm", _step_score), expand=3)
   with pytest.raises(errors.ConfigError, match="needs a verifier"):
     _run("beam", policy, None)
+
+
+def test_beam_search_can_pick_by_the_prms_answer_read(policy):
+  from test_search_voting import AnswerReadingPRM  # pylint: disable=g-import-not-at-top
+  answer_of = lambda q, s: 1.0 / (1 + len(s))  # The shortest finished candidate wins.
+  prm = AnswerReadingPRM(_step_score, answer_of)
+  results = _run("beam", policy, prm, expand=2, aggregation="answer")
+  for r in results:
+    assert r.scores == [answer_of(None, s) for s in r.candidates]
+    assert r.chosen == r.scores.index(max(r.scores))
+  # The answer reads are counted with the step reads.
+  assert sum(r.compute.verifier_tokens for r in results) == prm.tokens_scored

@@ -307,3 +307,34 @@ def test_a_real_reward_model_end_to_end(policy, drawn):
       rows = sum(len(rm.encode(p["question"], t, TOK, kind).tokens) for t in d.texts)
       assert r.compute.verifier_tokens == rows
     assert sum(r.compute.verifier_tokens for r in results) == counted
+
+
+class AnswerReadingPRM(FakeVerifier):
+  """A fake PRM trained with an answer read: `score_outcomes` is its read of the answer."""
+
+  answer_read = True
+
+  def __init__(self, steps_fn, answer_fn):
+    super().__init__("prm", steps_fn)
+    self.answer_fn = answer_fn
+
+  def score_outcomes(self, examples, solutions):
+    self.tokens_scored += sum(len(s) + 1 for s in solutions)
+    return [self.answer_fn(e["question"], s) for e, s in zip(examples, solutions)]
+
+
+def test_aggregation_answer_ranks_by_the_prms_answer_read(policy, drawn):
+  roles = _roles(drawn)
+  answer_of = lambda q, s: {"X": 0.2, "Y": 0.8, "Z": 0.4}.get(roles[q].get(s), 0.1)
+  prm = AnswerReadingPRM(lambda q, s: TABLE.get(roles[q].get(s), [0.05]), answer_of)
+  for r, p in zip(_run("best_of_n", policy, prm, aggregation="answer"), PROBLEMS):
+    assert roles[p["question"]][r.solution] == "Y"
+    assert r.scores == [answer_of(p["question"], s) for s in r.candidates]
+  weighted = _run("weighted_majority", policy, prm, aggregation="answer")
+  assert all(r.scores == [answer_of(p["question"], s) for s in r.candidates]
+             for r, p in zip(weighted, PROBLEMS))
+  plain = FakeVerifier("prm", lambda q, s: [0.5])
+  _one_line(errors.ConfigError, "needs a PRM with an answer read",
+            lambda: _run("best_of_n", policy, plain, aggregation="answer"))
+  _one_line(errors.ConfigError, "^search strategy 'revise' ranks by step scores",
+            lambda: _run("revise", policy, prm, budget=1, aggregation="answer"))

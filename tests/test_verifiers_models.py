@@ -1,5 +1,6 @@
 """Reward models: their rows, losses, metrics, the verifier run end to end, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from o3lite.model import transformer as model_lib
 from o3lite.training import losses
 from o3lite.verifiers import label_files, metrics, reward_model as rm
 from o3lite.verifiers import run as verifier_run
+from o3lite.verifiers import verifier_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +129,31 @@ def test_verifier_scores_do_not_depend_on_the_batch():
   assert v.tokens_scored > 0
   with pytest.raises(errors.ConfigError, match="scores whole solutions"):
     rm.Verifier(params, cfg, tok, "orm", 24).score_steps([ex], [RIGHT])
+
+
+def test_a_prm_with_an_answer_read_also_judges_the_answer():
+  cfg, params = _tiny_model()
+  tok = _PieceTokenizer()
+  e = rm.encode(QUESTION, RIGHT, tok, "prm", labels=[1, 1, 0], answer_read=True,
+                answer_label=1.0)
+  plain = rm.encode(QUESTION, RIGHT, tok, "prm", labels=[1, 1, 0])
+  assert e.reads == plain.reads + [len(e.tokens) - 1] and e.labels == [1, 1, 0, 1.0]
+  record = label_files.LabelledSolution(QUESTION, "3", RIGHT, ["3+4=7", "7*2=4", "4-1=3"],
+                                        [1, 1, 1], metadata={"outcome": 0})
+  (row,) = verifier_data.encode_records([record], tok, "prm", answer_read=True)
+  assert row.reads == e.reads and row.labels == [1, 1, 1, 0.0]
+  with pytest.raises(errors.DataError, match="has no 'outcome'.*answer read"):
+    verifier_data.encode_records([dataclasses.replace(record, metadata={})], tok, "prm",
+                                 answer_read=True)
+  ex = {"question": QUESTION, "answer": "3"}
+  v = rm.Verifier(params, cfg, tok, "prm", seq_len=24, answer_read=True)
+  reads = v._probabilities([e])[0]
+  assert v.score_steps([ex], [RIGHT]) == [reads[:3]]  # Steps: the same three reads.
+  assert v.score_outcomes([ex], [RIGHT]) == [reads[3]]  # The answer: the EOS read.
+  assert rm.Verifier(params, cfg, tok, "prm", 24).score_steps([ex], [RIGHT]) == [
+      pytest.approx(reads[:3], rel=1e-5)]
+  with pytest.raises(errors.ConfigError, match="an ORM reads only the answer"):
+    rm.Verifier(params, cfg, tok, "orm", 24, answer_read=True)
 
 
 def test_auc_and_step_metrics_on_known_cases():

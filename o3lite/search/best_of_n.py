@@ -16,6 +16,10 @@ PRM:  r = agg(p_1, ..., p_n), p_j = P(step j correct | x, steps 1..j), with agg 
         prod  prod_j p_j    P(every step correct) were step errors independent
                             (Lightman et al. 2023)
       A solution without steps scores 0.5 (no evidence, as `Verifier.score_outcomes`).
+      Or `answer`: a PRM trained with an answer read (`verifier.answer_read`) reads
+      the EOS after the final answer too: r = its P(answer correct | x, y), the
+      outcome judged by the same model that judges the steps (best-of-N, weighted
+      majority, beam and DVTS take it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from o3lite.registry import Registry
 from o3lite.search import core
 
 AGGREGATIONS = Registry("PRM aggregation")
+ANSWER = "answer"  # Not a function of step scores: the PRM's answer read (see above).
 NO_STEPS = 0.5  # The score of a solution in which a PRM finds no step.
 
 
@@ -61,16 +66,27 @@ class Scored:
   verifier_tokens: int  # This problem's share of the tokens the verifier ran.
 
 
-def aggregator(verifier: Any, strategy: str, aggregation: str | None
-               ) -> Callable[[Sequence[float]], float] | None:
-  """The PRM aggregation `strategy` scores with (default "last"), or None for an ORM,
-  checked before any sampling: no verifier, an unknown aggregation, or an aggregation
-  given with an ORM (which has no steps to aggregate) is a one-line ConfigError."""
+def aggregator(verifier: Any, strategy: str, aggregation: str | None,
+               answer: bool = False) -> Callable[[Sequence[float]], float] | None:
+  """The PRM aggregation `strategy` scores with (default "last"), or None where the
+  verifier's `score_outcomes` scores (an ORM; a PRM's answer read, aggregation "answer",
+  which `strategy` takes where `answer`), checked before any sampling: no verifier, an
+  unknown aggregation, or an aggregation given with an ORM (which has no steps to
+  aggregate) is a one-line ConfigError."""
   kind = core.verifier_kind(verifier, strategy)
   if kind == "orm":
     if aggregation is not None:
       raise errors.ConfigError(f"aggregation={aggregation!r} aggregates a PRM's step "
                                "scores; an ORM scores whole solutions")
+    return None
+  if aggregation == ANSWER:
+    if not answer:
+      raise errors.ConfigError(f"search strategy {strategy!r} ranks by step scores: "
+                               "aggregation='answer' is for best_of_n, "
+                               "weighted_majority, beam and dvts")
+    if not getattr(verifier, "answer_read", False):
+      raise errors.ConfigError("aggregation='answer' needs a PRM with an answer read "
+                               "(train it with verifier.answer_read=True)")
     return None
   return AGGREGATIONS.lookup("last" if aggregation is None else aggregation)
 
@@ -107,7 +123,7 @@ def best_of_n(problems: Sequence[dict], policy: core.Policy, verifier: Any, budg
   i* = argmax_i r(x, y_i), first on ties (see the module docstring for r under an ORM and
   a PRM's `aggregation`: last, min or prod). Every candidate competes, parsed or not:
   the verifier judges."""
-  agg = aggregator(verifier, "best_of_n", aggregation)
+  agg = aggregator(verifier, "best_of_n", aggregation, answer=True)
   drawn = core.draw(problems, policy, budget, seed, sampling)
   scored = score_candidates(verifier, problems, drawn, agg)
   return [core.result(d, int(np.argmax(s.scores)), s.scores, s.step_scores, s.verifier_tokens)

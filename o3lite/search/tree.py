@@ -21,7 +21,8 @@ delimiter) or to EOS. Each problem keeps N rows in the sampler; one iteration:
         cannot take over every subtree
 
 until no row is live or `max_steps` iterations; the answer is the finished candidate
-with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`; live rows
+with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`, or `answer`: the
+PRM's answer read of each finished candidate; live rows
 cut off by `max_steps` compete only when nothing finished). All problems of a call share
 one compiled shape: problems_per_call x N rows.
 """
@@ -115,7 +116,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
   KV cache per row is forked with the sampler's rows)."""
   if core.verifier_kind(verifier, name) != "prm":
     raise errors.ConfigError(f"search strategy {name!r} scores steps: it needs a PRM")
-  aggregate = best_of_n.AGGREGATIONS.lookup(aggregation)
+  aggregate = best_of_n.aggregator(verifier, name, aggregation, answer=True)
   for what, value in (("max_steps", max_steps), ("step_tokens", step_tokens),
                       ("lookahead", lookahead + 1)):
     if value < 1:
@@ -198,7 +199,12 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       pool = finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
                              if r.tokens is not None]
       texts = [tok.decode(t) for t, _ in pool]
-      scores = [aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
+      if aggregate is None:  # The PRM's answer read of each candidate.
+        before = verifier.tokens_scored
+        scores = verifier.score_outcomes([chunk[p]] * len(texts), texts)
+        spent[p] += verifier.tokens_scored - before
+      else:
+        scores = [aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
       drawn = core.Drawn(prompts[p], [], texts, [formatting.parse_answer(t) for t in texts])
       out = core.result(drawn, int(np.argmax(scores)), scores, [list(s) for _, s in pool],
                         int(spent[p]))

@@ -74,13 +74,16 @@ def step_ends(solution: str, steps: Sequence[str]) -> list[int]:
 
 def encode(question: str, solution: str, tokenizer: Any, kind: str,
            steps: Sequence[str] | None = None,
-           labels: Sequence[float | None] | None = None) -> Encoded:
+           labels: Sequence[float | None] | None = None, answer_read: bool = False,
+           answer_label: float | None = None) -> Encoded:
   """The verifier row of `solution` to `question`.
 
   PRM: a read at the last token of each step (`steps`, default the `split_completion`
   of the tokens' decoded text), located in the tokens by their decoded text (a token that ends a
-  step's text is its last token); ORM: one read, at the EOS. `labels`: one per step for a
-  PRM, one (or one per step, the last taken) for an ORM; None leaves them unlabelled.
+  step's text is its last token); with `answer_read`, one more at the EOS, labelled
+  `answer_label` (the outcome: the answer after the chain judged too). ORM: one read, at
+  the EOS. `labels`: one per step for a PRM, one (or one per step, the last taken) for an
+  ORM; None leaves them unlabelled.
   """
   if kind not in KINDS:
     raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
@@ -89,7 +92,10 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
   if kind == "orm":
     tokens = prompt + written + [tokenizer.eos_id]
     return Encoded(tokens, [len(tokens) - 1], [labels[-1] if labels else None])
-  return _prm_row(prompt, written, tokenizer, steps, labels)
+  row = _prm_row(prompt, written, tokenizer, steps, labels)
+  if not answer_read:
+    return row
+  return Encoded(row.tokens, row.reads + [len(row.tokens) - 1], row.labels + [answer_label])
 
 
 def encode_sampled(prompt: Sequence[int], written: Sequence[int], tokenizer: Any) -> Encoded:
@@ -240,7 +246,8 @@ def from_policy(spec: state_lib.StateSpec, policy_params, seed: int):
 
 class Verifier:
   """A reward model ready to score solutions: its params (the ScalarHead tree), model
-  config, tokenizer and kind. Rows go `batch_size` at a time, [batch_size, T] with T the
+  config, tokenizer and kind (a PRM trained with `answer_read` also reads the EOS: its
+  P(answer correct), what `score_outcomes` returns). Rows go `batch_size` at a time, [batch_size, T] with T the
   chunk's longest row rounded up to a multiple of `LENGTH_BUCKET` (at most `seq_len`,
   the longest row it takes): few compiled shapes, and short solutions do not pay for
   `seq_len` (on a mesh, rows split over its batch axes).
@@ -250,10 +257,15 @@ class Verifier:
   """
 
   def __init__(self, params, model_cfg: model_lib.ModelConfig, tokenizer: Any, kind: str,
-               seq_len: int, batch_size: int = 32, mesh=None, rules=None):
+               seq_len: int, batch_size: int = 32, mesh=None, rules=None,
+               answer_read: bool = False):
     if kind not in KINDS:
       raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
+    if answer_read and kind != "prm":
+      raise errors.ConfigError("answer_read adds a read to a PRM's steps; an ORM reads "
+                               "only the answer")
     self.params, self.model_cfg, self.tokenizer, self.kind = params, model_cfg, tokenizer, kind
+    self.answer_read = answer_read
     self.seq_len, self.mesh, self.rules = seq_len, mesh, rules
     shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, rules)
     self.batch_size = -(-batch_size // shards) * shards
@@ -298,14 +310,21 @@ class Verifier:
     if self.kind != "prm":
       raise errors.ConfigError("an outcome reward model scores whole solutions "
                                "(score_outcomes), not steps")
-    return self._probabilities([encode(e["question"], s, self.tokenizer, "prm")
+    return [p[:-1] if self.answer_read else p for p in self._prm_reads(examples, solutions)]
+
+  def _prm_reads(self, examples, solutions) -> list[list[float]]:
+    return self._probabilities([encode(e["question"], s, self.tokenizer, "prm",
+                                       answer_read=self.answer_read)
                                 for e, s in zip(examples, solutions)])
 
   def score_outcomes(self, examples: Sequence[dict], solutions: Sequence[str]
                      ) -> list[float]:
-    """P(the solution's answer is correct): the ORM's read at the EOS; for a PRM, the
-    score of the last step (0.5 for a solution without steps: no evidence)."""
+    """P(the solution's answer is correct): the ORM's read at the EOS; for a PRM, its
+    answer read (`answer_read`) or else the score of the last step (0.5 for a solution
+    without steps: no evidence)."""
     if self.kind == "orm":
       return [p[0] for p in self._probabilities(
           [encode(e["question"], s, self.tokenizer, "orm") for e, s in zip(examples, solutions)])]
+    if self.answer_read:
+      return [p[-1] for p in self._prm_reads(examples, solutions)]
     return [p[-1] if p else 0.5 for p in self.score_steps(examples, solutions)]

@@ -68,6 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if v.loss == "bradley_terry" and v.kind != "orm":
     raise errors.ConfigError("verifier.loss='bradley_terry' compares whole solutions: it "
                              "needs verifier.kind='orm'")
+  if v.answer_read and v.kind != "prm":
+    raise errors.ConfigError("verifier.answer_read adds an answer read to a PRM's steps: "
+                             "it needs verifier.kind='prm'")
   for name in ("policy", "init_from"):
     if v[name] and not _is_run(v[name]):
       what = "does not exist" if not os.path.exists(v[name]) else (
@@ -217,6 +220,8 @@ def evaluate(verifier: rm.Verifier, records: Sequence[label_files.LabelledSoluti
     out["first_error"] = metrics_lib.first_error_f1(scores, gold, threshold)
     solution_p = {"last": [s[-1] if s else 0.5 for s in scores],
                   "min": [min(s) if s else 0.5 for s in scores]}
+    if verifier.answer_read:  # Its read of the answer itself.
+      solution_p["answer"] = verifier.score_outcomes(examples, texts)
     out["outcome"] = {agg: metrics_lib.calibration(p, outcomes)
                       for agg, p in solution_p.items()}
     main = out["outcome"]["min"]
@@ -235,7 +240,10 @@ def summary(metrics: dict[str, Any]) -> str:
     s, f, o = metrics["step"], metrics["first_error"], metrics["outcome"]["min"]
     return (f"PRM: step error F1 {s['error_f1']:.3f} (P {s['error_precision']:.3f} R "
             f"{s['error_recall']:.3f}), step AUC {s['auc']:.3f}, first-error F1 "
-            f"{f['f1']:.3f}, outcome (min) accuracy {o['accuracy']:.3f} ECE {o['ece']:.3f}")
+            f"{f['f1']:.3f}, outcome (min) accuracy {o['accuracy']:.3f} ECE {o['ece']:.3f}"
+            + ("" if "answer" not in metrics["outcome"] else
+               f"; answer read: AUC {metrics['outcome']['answer']['auc']:.3f} ECE "
+               f"{metrics['outcome']['answer']['ece']:.3f}"))
   o = metrics["outcome"]
   return f"ORM: accuracy {o['accuracy']:.3f}, AUC {o['auc']:.3f}, ECE {o['ece']:.3f}"
 
@@ -260,10 +268,11 @@ def run_verifier(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   run_folder.check_rerun(workdir, config, run.model_cfg,
                          ("model", "data", "verifier.kind", "verifier.labels",
                           "verifier.labeller", "verifier.consensus_with",
-                          "verifier.soft_labels", "verifier.loss"))
+                          "verifier.soft_labels", "verifier.loss", "verifier.answer_read"))
   records = label_files.read_labelled(train_path)
   eval_records = label_files.read_labelled(eval_path)
-  encoded = verifier_data.encode_records(records, run.tokenizer, v.kind, v.soft_labels)
+  encoded = verifier_data.encode_records(records, run.tokenizer, v.kind, v.soft_labels,
+                                         v.answer_read)
   items = verifier_data.preference_pairs(records, encoded) if v.loss == "bradley_terry" else encoded
   if not items:
     raise errors.DataError(f"{train_path}: no " + (
@@ -315,7 +324,7 @@ def run_verifier(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     ckpt.close()
 
   verifier = rm.Verifier(state.params["verifier"], run.model_cfg, run.tokenizer, v.kind,
-                         v.seq_len, v.eval_batch_size, run.mesh, run.rules)
+                         v.seq_len, v.eval_batch_size, run.mesh, run.rules, v.answer_read)
   result = evaluate(verifier, eval_records, v.threshold,
                     os.path.join(workdir, "reliability.png") if is_main else None)
   result.update(train_steps=int(state.step), train_labels=train_path, eval_labels=eval_path,
@@ -361,4 +370,5 @@ def load_verifier(workdir: str, batch_size: int = 32, mesh_shape=None) -> rm.Ver
       os.path.join(workdir, run_folder.CHECKPOINT_DIR),
       {"verifier": spec.abstract.params["verifier"]})
   return rm.Verifier(params["verifier"], model_cfg, tokenizer, config.verifier.kind,
-                     config.verifier.seq_len, batch_size, mesh, rules)
+                     config.verifier.seq_len, batch_size, mesh, rules,
+                     bool(config.verifier.get("answer_read", False)))

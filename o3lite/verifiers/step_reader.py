@@ -191,16 +191,18 @@ class CachedReader:
     with self._where.context(), decoding.grown_cache_donation_expected():
       p_BxT, cache = run(self.verifier.params, self._cache, placed["new"], placed["length"],
                          self.verifier.model_cfg, capacity)
-    p_BxT = np.asarray(jax.device_get(p_BxT))
     self.verifier.tokens_scored += int(counts.sum())
-    scores, texts = [], []
+    # Where the new steps are read, worked out on the host while the device runs.
+    texts, reads = [], []
     for b, text in enumerate(self._texts):
       if counts[b]:
         before, text = len(text.tokens), text.plus(new[b], self._decode, self._piece)
-        scores.append([float(p_BxT[b, r - before]) for r in text.reads() if r >= before])
+        reads.append([r - before for r in text.reads() if r >= before])
       else:
-        scores.append([])
+        reads.append([])
       texts.append(text)
+    p_BxT = np.asarray(jax.device_get(p_BxT))
+    scores = [[float(p_BxT[b, t]) for t in at] for b, at in enumerate(reads)]
     return scores, cache, self._length + counts, texts
 
 

@@ -14,19 +14,25 @@ from o3lite.verifiers import reward_model as rm
 
 
 def encode_records(records: Sequence[label_files.LabelledSolution], tokenizer, kind: str,
-                   soft: bool = False) -> list[rm.Encoded]:
+                   soft: bool = False, answer_read: bool = False) -> list[rm.Encoded]:
   """The verifier rows of labelled records (PRM: per-step labels, soft if asked and
-  present; ORM: the `outcome` metadata)."""
+  present, and with `answer_read` the `outcome` at the EOS; ORM: the `outcome`
+  metadata)."""
   out = []
   for i, r in enumerate(records):
-    if kind == "orm":
+    outcome = None
+    if kind == "orm" or answer_read:
       if r.metadata.get("outcome") not in (0, 1):
         raise errors.DataError(f"labelled solution {i} has no 'outcome' (0 or 1): an "
-                               "ORM trains on outcomes")
-      labels = [float(r.metadata["outcome"])]
+                               f"{'ORM' if kind == 'orm' else 'answer read'} trains on "
+                               "outcomes")
+      outcome = float(r.metadata["outcome"])
+    if kind == "orm":
+      labels = [outcome]
     else:
       labels = r.soft_labels if soft and r.soft_labels is not None else r.labels
-    out.append(rm.encode(r.question, r.solution, tokenizer, kind, r.steps, labels))
+    out.append(rm.encode(r.question, r.solution, tokenizer, kind, r.steps, labels,
+                         answer_read, outcome))
   return out
 
 
