@@ -65,6 +65,34 @@ def smollm2(smollm2_dir):
                                torch_model=torch_model, hf_tokenizer=hf_tokenizer)
 
 
+class PieceTokenizer:
+  """A test tokenizer over a list of pieces: `encode` takes the longest matching piece
+  first, `decode` joins pieces up to the first EOS. Id 0 is the pad piece (kept in text
+  where `keep_pad`, else dropped and never matched), id 1 the EOS piece (never matched).
+  Extra ids, such as `think_end_id`, come as keywords."""
+
+  pad_id, eos_id = 0, 1
+
+  def __init__(self, pieces, keep_pad=True, **ids):
+    self.pieces, self.keep_pad, self.vocab_size = list(pieces), keep_pad, len(pieces)
+    self._matchable = [p for i, p in enumerate(self.pieces) if i > 1 or (i == 0 and keep_pad)]
+    for name, value in ids.items():
+      setattr(self, name, value)
+
+  def encode(self, text):
+    out = []
+    while text:
+      best = max((p for p in self._matchable if text.startswith(p)), key=len)
+      out.append(self.pieces.index(best))
+      text = text[len(best):]
+    return out
+
+  def decode(self, ids):
+    ids = list(ids)
+    ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+    return "".join(self.pieces[i] for i in ids if i or self.keep_pad)
+
+
 def set_fields(config, values):
   """Sets dotted `values` ({"a.b.c": x}) in a ConfigDict; returns it."""
   for key, value in values.items():

@@ -81,6 +81,9 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
       "rl.process_reward.mode": "difference", "rl.rewards.correctness": 0.0,
       "eval.num_examples": 8, "eval.batch_size": 8, "eval.max_new_tokens": 24,
       "eval.num_samples": 0, "mesh.shape": (4, 2, 1)})
+  if advantage == "grpo":  # Every reward is 0: dynamic sampling drops every group and
+    # tops up from the first round's, whose steps the PRM must then score.
+    config = _set(config, {"rl.dynamic_sampling": True, "rl.max_sampling_rounds": 2})
   workdir = str(tmp_path / advantage)
   rl_trainer.run_rl(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

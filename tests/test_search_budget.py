@@ -4,29 +4,13 @@ import flax.linen as nn
 import jax
 import pytest
 
+from conftest import PieceTokenizer
 from o3lite import errors
 from o3lite.model import transformer as model_lib
 from o3lite.search import core
 
 
-class _Tokenizer:
-  pieces = ["\t", "</s>", "</think>", "\n", "1", "2", "3", " "]
-  pad_id, eos_id, think_end_id = 0, 1, 2
-  vocab_size = len(pieces)
-
-  def encode(self, text):
-    out = []
-    while text:
-      best = max((p for p in self.pieces if p != "</s>" and text.startswith(p)), key=len)
-      out.append(self.pieces.index(best))
-      text = text[len(best):]
-    return out
-
-  def decode(self, ids):
-    return "".join(self.pieces[i] for i in ids if i > 1 or i == 0)
-
-
-TOK = _Tokenizer()
+TOK = PieceTokenizer(["\t", "</s>", "</think>", "\n", "1", "2", "3", " "], think_end_id=2)
 PROBLEMS = [{"question": q, "answer": "1"} for q in ["1 2", "3", "2 2 1", "1"]]
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PieceTokenizer
 from o3lite import errors
 from o3lite.data import formatting
 from o3lite.evaluation import heldout
@@ -26,28 +27,9 @@ from o3lite.search import core, voting
 from o3lite.verifiers import reward_model as rm
 
 
-class _Tokenizer:
-  """Pieces matched longest first; decoding and re-encoding gives the same ids (the pad
-  piece is a tab: whitespace, so it never changes an answer)."""
-  pieces = ["\t", "</s>", "\n", " ", "</think>1", "</think>2", "</think>3"]
-  pad_id, eos_id = 0, 1
-  vocab_size = len(pieces)
-
-  def encode(self, text):
-    out = []
-    while text:
-      best = max((p for p in self.pieces if p != "</s>" and text.startswith(p)), key=len)
-      out.append(self.pieces.index(best))
-      text = text[len(best):]
-    return out
-
-  def decode(self, ids):
-    ids = list(ids)
-    ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
-    return "".join(self.pieces[i] for i in ids)
-
-
-TOK = _Tokenizer()
+# Pieces matched longest first; decoding and re-encoding gives the same ids (the pad
+# piece is a tab: whitespace, so it never changes an answer).
+TOK = PieceTokenizer(["\t", "</s>", "\n", " ", "</think>1", "</think>2", "</think>3"])
 PROBLEMS = [{"question": q, "answer": "1"} for q in
             ["</think>1 </think>2", "</think>3", "</think>2\n</think>2", " </think>1 "]]
 N, SEED = 8, 0

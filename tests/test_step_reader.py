@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PieceTokenizer
 from o3lite.data import formatting
 from o3lite.model import heads
 from o3lite.model import transformer as model_lib
@@ -113,24 +114,6 @@ def test_on_a_mesh_rows_split_over_the_batch_axes(prm):
     step_reader.make(on_mesh, [prompt], [EXAMPLE], tok, copies=2)
 
 
-class _CharTokenizer:
-  """One token per character: decoding and encoding are inverses, so re-reading a
-  decoded row sees the tokens the policy wrote. No think tags: every line is a step, as
-  it is written (a "</think>" after others can make earlier lines steps after the fact,
-  which a reader of each step as it is written does not see)."""
-  pieces = ["\t", "</s>", "\n", "1", "2", "3", "+", "="]
-  pad_id, eos_id = 0, 1
-  vocab_size = len(pieces)
-
-  def encode(self, text):
-    return [self.pieces.index(c) for c in text]
-
-  def decode(self, ids):
-    ids = list(ids)
-    ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
-    return "".join(self.pieces[i] for i in ids)
-
-
 class _Hidden:
   """The same PRM behind an object that is not a `reward_model.Verifier` (as an
   external PRM is): beam search re-reads its rows whole."""
@@ -149,7 +132,11 @@ class _Hidden:
 
 
 def test_beam_search_reads_incrementally_what_it_would_re_read():
-  tok = _CharTokenizer()
+  # One token per character: decoding and encoding are inverses, so re-reading a decoded
+  # row sees the tokens the policy wrote. No think tags: every line is a step as it is
+  # written (a "</think>" after others can make earlier lines steps after the fact,
+  # which a reader of each step as it is written does not see).
+  tok = PieceTokenizer(["\t", "</s>", "\n", "1", "2", "3", "+", "="])
   cfg = model_lib.ModelConfig.tiny(vocab_size=tok.vocab_size)
   policy = core.Policy(nn.unbox(model_lib.init_params(cfg, jax.random.key(0))), cfg, tok)
   head = nn.unbox(heads.init_scalar_head(cfg, jax.random.key(1)))

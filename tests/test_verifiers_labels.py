@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PieceTokenizer
 from o3lite import errors
 from o3lite.data import formatting, tasks
 from o3lite.model import transformer as model_lib
@@ -15,23 +16,9 @@ from o3lite.sampling import sampler
 from o3lite.verifiers import label_files, labellers, steps as steps_lib
 
 
-class _CharTokenizer:
-  """One token per character; 0 pads, 1 is EOS."""
-  chars = "\x00\x01" + "0123456789+-*= \n<>/thinkmod"
-  vocab_size = len(chars)
-  pad_id, eos_id = 0, 1
-
-  def encode(self, text):
-    return [self.chars.index(c) for c in text]
-
-  def decode(self, ids):
-    out = []
-    for i in ids:
-      if i == self.eos_id:
-        break
-      if i != self.pad_id:
-        out.append(self.chars[i])
-    return "".join(out)
+# One token per character; 0 pads, 1 is EOS.
+_CharTokenizer = lambda: PieceTokenizer(list("\x00\x01" + "0123456789+-*= \n<>/thinkmod"),
+                                        keep_pad=False)
 
 
 def _completion(*steps, answer):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import set_fields
+from conftest import PieceTokenizer, set_fields
 from o3lite import errors
 from o3lite.data import formatting
 from o3lite.model import transformer as model_lib
@@ -23,25 +23,10 @@ from o3lite.verifiers import verifier_data
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _PieceTokenizer:
-  """Tokens are pieces of several characters (merged "=7\\n" style), as a real tokenizer's."""
-  pieces = ["<pad>", "</s>", "<think>", "</think>", "=7\n", "=4\n", "3+4", "7*2", "4-1",
-            "=3", "3 +4 *2 -1 mod 10", "\n", "3", "4", "=5\n", "5-1", "=4"]
-  pad_id, eos_id = 0, 1
-  vocab_size = len(pieces)
-
-  def encode(self, text):
-    out = []
-    while text:
-      best = max((p for p in self.pieces[2:] if text.startswith(p)), key=len)
-      out.append(self.pieces.index(best))
-      text = text[len(best):]
-    return out
-
-  def decode(self, ids):
-    return "".join(self.pieces[i] for i in ids if i > 1)
-
-
+# Tokens are pieces of several characters (merged "=7\n" style), as a real tokenizer's.
+_PIECES = ["<pad>", "</s>", "<think>", "</think>", "=7\n", "=4\n", "3+4", "7*2", "4-1", "=3",
+           "3 +4 *2 -1 mod 10", "\n", "3", "4", "=5\n", "5-1", "=4"]
+_PieceTokenizer = lambda: PieceTokenizer(_PIECES, keep_pad=False)
 QUESTION = "3 +4 *2 -1 mod 10"
 RIGHT = formatting.format_completion("3+4=7\n7*2=4\n4-1=3", "3")
 

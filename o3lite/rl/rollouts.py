@@ -53,9 +53,10 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
   sampled from `state.params["policy"]`, decoded and scored; with dynamic sampling
   (DAPO) groups whose rewards are all equal are dropped and refilled, up to
   `max_sampling_rounds`. `run` gives the config, model, tokenizer and mesh. Returns
-  (group records, stream position after them, counts). Every process samples the same
-  global batch and gets process 0's scores (`RewardScorer.score`), so every process keeps
-  the same groups and takes the same number of rounds."""
+  (group records, stream position after them, counts); with a frozen PRM (`run.prm`)
+  the returned groups' steps are scored, once (not the groups dropped). Every process
+  samples the same global batch and gets process 0's scores (`RewardScorer.score`), so
+  every process keeps the same groups and takes the same number of rounds."""
   rl_cfg = run.config.rl
   want, G = rl_cfg.prompts_per_step, rl_cfg.group_size
   kept: list[dict] = []
@@ -85,13 +86,9 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
             else np.ones(want, bool))
     stats["dropped_groups"] += int(np.sum(~keep))
     correct = np.asarray(scores.parts.get("correctness", [np.nan] * len(total)))
-    steps = [None] * len(total)
-    if getattr(run, "prm", None) is not None:  # The frozen PRM: scores per step.
-      steps = run.prm.score_sampled([p for p, group in groups for _ in group],
-                                    [c.tokens for _, group in groups for c in group])
     for g, (prompt, group) in enumerate(groups):
       record = {"prompt": prompt, "group": group, "scores": total[g * G:(g + 1) * G],
-                "correct": correct[g * G:(g + 1) * G], "steps": steps[g * G:(g + 1) * G]}
+                "correct": correct[g * G:(g + 1) * G], "steps": [None] * G}
       if round_index == 0:
         first_round.append(record)
       if keep[g]:
@@ -100,7 +97,13 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
       break
   if len(kept) < want:  # Not enough informative groups: top up with the first round's.
     kept += [r for r in first_round if not any(r is k for k in kept)][:want - len(kept)]
-  return kept[:want], position, stats
+  kept = kept[:want]
+  if getattr(run, "prm", None) is not None:  # The frozen PRM scores the kept groups' steps.
+    steps = run.prm.score_sampled([r["prompt"] for r in kept for _ in r["group"]],
+                                  [c.tokens for r in kept for c in r["group"]])
+    for g, record in enumerate(kept):
+      record["steps"] = steps[g * G:(g + 1) * G]
+  return kept, position, stats
 
 
 def score_in_minibatches(score_fn, state, batch, size: int, batch_sharding):
