@@ -195,19 +195,25 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       state = sampler.continue_(policy.params, state, [[] if r.live else None for r in rows],
                                 policy.model_cfg, cfg, jax.random.fold_in(key, 1_000 * c + it + 1),
                                 **where)
-    for p in range(len(chunk)):
-      pool = finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
-                             if r.tokens is not None]
-      texts = [tok.decode(t) for t, _ in pool]
-      if aggregate is None:  # The PRM's answer read of each candidate.
-        before = verifier.tokens_scored
-        scores = verifier.score_outcomes([chunk[p]] * len(texts), texts)
-        spent[p] += verifier.tokens_scored - before
-      else:
-        scores = [aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
-      drawn = core.Drawn(prompts[p], [], texts, [formatting.parse_answer(t) for t in texts])
-      out = core.result(drawn, int(np.argmax(scores)), scores, [list(s) for _, s in pool],
-                        int(spent[p]))
+    pools = [finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
+                             if r.tokens is not None] for p in range(len(chunk))]
+    texts = [[tok.decode(t) for t, _ in pool] for pool in pools]
+    if aggregate is None:  # The PRM's answer read of every candidate, in one call.
+      before = verifier.tokens_scored
+      flat = verifier.score_outcomes([chunk[p] for p, t in enumerate(texts) for _ in t],
+                                     [x for t in texts for x in t])
+      _spend(verifier, before, spent, [sum(len(x) + 1 for x in t) for t in texts]
+             + [0] * (P - len(chunk)))
+      bounds = np.cumsum([0] + [len(t) for t in texts])
+      scores = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+    else:
+      scores = [[aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
+                for pool in pools]
+    for p, pool in enumerate(pools):
+      drawn = core.Drawn(prompts[p], [], texts[p],
+                         [formatting.parse_answer(t) for t in texts[p]])
+      out = core.result(drawn, int(np.argmax(scores[p])), scores[p],
+                        [list(s) for _, s in pool], int(spent[p]))
       out.compute.generated_tokens = int(generated[p])
       out.tree = trees[p]
       results.append(out)
