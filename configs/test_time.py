@@ -17,7 +17,7 @@ from configs import prm
 from o3lite.parallel import mesh as sharding_lib
 
 
-def _entry(strategy, verifier, budgets, sampling=None, **options):
+def entry(strategy, verifier, budgets, sampling=None, **options):
   return ml_collections.ConfigDict({"strategy": strategy, "verifier": verifier,
                                     "budgets": tuple(budgets), "options": options,
                                     "sampling": sampling or {}})
@@ -51,21 +51,21 @@ def get_config() -> ml_collections.ConfigDict:
   # (this entry's changes to `sampling`)}.
   n = (1, 2, 4, 8, 16, 32, 64)
   c.strategies = ml_collections.ConfigDict({
-      "majority": _entry("majority", "", n),
-      "orm_best_of_n": _entry("best_of_n", "orm", n),
-      "prm_best_of_n": _entry("best_of_n", "prm", n, aggregation="min"),
-      "prm_weighted_majority": _entry("weighted_majority", "prm", n, aggregation="min"),
-      "beam": _entry("beam", "prm", (4, 8, 16, 32, 64), expand=4, step_tokens=16,
+      "majority": entry("majority", "", n),
+      "orm_best_of_n": entry("best_of_n", "orm", n),
+      "prm_best_of_n": entry("best_of_n", "prm", n, aggregation="min"),
+      "prm_weighted_majority": entry("weighted_majority", "prm", n, aggregation="min"),
+      "beam": entry("beam", "prm", (4, 8, 16, 32, 64), expand=4, step_tokens=16,
                      max_steps=8),
-      "dvts": _entry("dvts", "prm", (4, 8, 16, 32, 64), expand=4, step_tokens=16,
+      "dvts": entry("dvts", "prm", (4, 8, 16, 32, 64), expand=4, step_tokens=16,
                      max_steps=8),
       # MCTS: each simulation expands one leaf by a step; rollouts finish the children,
       # so every simulation count has finished candidates (value: the PRM's min).
-      "mcts": _entry("mcts", "prm", (4, 8, 16, 32), expand=4, step_tokens=16, max_steps=8,
+      "mcts": entry("mcts", "prm", (4, 8, 16, 32), expand=4, step_tokens=16, max_steps=8,
                      value="rollout", aggregation="min"),
-      "revise": _entry("revise", "prm", (1, 2, 4)),
+      "revise": entry("revise", "prm", (1, 2, 4)),
       # s1's budget forcing decodes greedily: one completion, its thinking capped.
-      "think_budget": _entry("think_budget", "", (4, 8, 16, 32),
+      "think_budget": entry("think_budget", "", (4, 8, 16, 32),
                              sampling={"temperature": 0.0}),
   })
   return c

@@ -16,7 +16,7 @@ from configs import test_time
 def get_config() -> ml_collections.ConfigDict:
   c = test_time.get_config()
   c.prm_pipeline.verifier.answer_read = True
-  entry = test_time._entry  # pylint: disable=protected-access
+  entry = test_time.entry
   n = (1, 4, 16, 64)
   c.strategies = ml_collections.ConfigDict({
       "majority": entry("majority", "", n),

@@ -19,6 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from o3lite import errors
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.verifiers import hf_prm
+from o3lite.verifiers import prm_conventions
 from o3lite.verifiers import steps as steps_lib
 
 QUESTIONS = ["What is 3 + 4 then times 2 then minus 5?", "What is 8 - 3?",
@@ -45,8 +46,8 @@ def _corpus():
     steps = [f"{a} {op} {b} = {c}" for a, op, b, c in
              zip(rng.integers(0, 40, 4), "+-*+", rng.integers(0, 9, 4), rng.integers(0, 99, 4))]
     question = f"What is {rng.integers(0, 9)} + {rng.integers(0, 9)} then times 2?"
-    texts.append(hf_prm.shepherd_input(None, question, steps, "ки"))
-    texts.append(hf_prm.QWEN_SYSTEM + question + "<extra_0>".join(steps) + "The answer is")
+    texts.append(prm_conventions.shepherd_input(None, question, steps, "ки"))
+    texts.append(prm_conventions.QWEN_SYSTEM + question + "<extra_0>".join(steps) + "The answer is")
   return texts + QUESTIONS + SOLUTIONS
 
 
@@ -150,7 +151,7 @@ def _shepherd_reference(model, tokenizer, question, steps):
 
 def _qwen_reference(model, tokenizer, question, steps):
   """Qwen2.5-Math-PRM-7B's model card, on one solution."""
-  messages = [{"role": "system", "content": hf_prm.QWEN_SYSTEM},
+  messages = [{"role": "system", "content": prm_conventions.QWEN_SYSTEM},
               {"role": "user", "content": question},
               {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
   text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)

@@ -23,10 +23,10 @@ def _config(policy, prm, **changes):
   c.policy, c.prm, c.num_problems, c.difficulty_bins = policy, prm, 6, 2
   c.sampling.max_new_tokens, c.sampling.rows_per_call = 16, 32
   c.strategies = ml_collections.ConfigDict({
-      "majority": test_time._entry("majority", "", (1, 4)),
-      "prm_best_of_n": test_time._entry("best_of_n", "prm", (4,), aggregation="min"),
-      "beam": test_time._entry("beam", "prm", (4,), expand=2, step_tokens=8, max_steps=3),
-      "think_budget": test_time._entry("think_budget", "", (4,),
+      "majority": test_time.entry("majority", "", (1, 4)),
+      "prm_best_of_n": test_time.entry("best_of_n", "prm", (4,), aggregation="min"),
+      "beam": test_time.entry("beam", "prm", (4,), expand=2, step_tokens=8, max_steps=3),
+      "think_budget": test_time.entry("think_budget", "", (4,),
                                        sampling={"temperature": 0.0}),
   })
   for key, value in changes.items():

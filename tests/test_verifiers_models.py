@@ -278,3 +278,21 @@ def test_bad_labelled_file_is_an_error_naming_file_and_line(prm_run, tmp_path):
                      r"number in \[0, 1\]"):
     verifier_run.run_verifier(given, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Checked before training.
+
+
+def test_a_run_folder_from_before_a_setting_existed_reruns_with_it_off(tmp_path):
+  from configs import prm as prm_config  # pylint: disable=g-import-not-at-top
+  from o3lite.training import run_folder  # pylint: disable=g-import-not-at-top
+  config = prm_config.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["verifier"]["answer_read"]  # A PRM run made before the answer read existed.
+  (tmp_path / run_folder.CONFIG_FILE).write_text(json.dumps(saved))
+  cfg = model_lib.ModelConfig.tiny()
+  fields = ("verifier.kind", "verifier.answer_read")
+  run_folder.check_rerun(str(tmp_path), config, cfg, fields)  # Off: the same run.
+  config.verifier.answer_read = True
+  with pytest.raises(errors.RunFolderError, match="verifier.answer_read=True"):
+    run_folder.check_rerun(str(tmp_path), config, cfg, fields)
+  config.verifier.answer_read, config.verifier.kind = False, "orm"
+  with pytest.raises(errors.RunFolderError, match="verifier.kind='orm'"):
+    run_folder.check_rerun(str(tmp_path), config, cfg, fields)

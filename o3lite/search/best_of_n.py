@@ -121,7 +121,7 @@ def best_of_n(problems: Sequence[dict], policy: core.Policy, verifier: Any, budg
               sampling: core.Sampling = core.Sampling()) -> list[core.SearchResult]:
   """N = `budget` samples per problem, the answer of the one the verifier scores highest:
   i* = argmax_i r(x, y_i), first on ties (see the module docstring for r under an ORM and
-  a PRM's `aggregation`: last, min or prod). Every candidate competes, parsed or not:
+  a PRM's `aggregation`: last, min, prod or answer). Every candidate competes, parsed or not:
   the verifier judges."""
   agg = aggregator(verifier, "best_of_n", aggregation, answer=True)
   drawn = core.draw(problems, policy, budget, seed, sampling)

@@ -29,6 +29,8 @@ The verifier is anything with
   score_outcomes(examples, solutions) -> list[float]         P(solution correct)
   score_steps(examples, solutions)    -> list[list[float]]   P(step i correct | steps <= i)
   tokens_scored                      an int the verifier adds the tokens it runs to
+  answer_read                        (optional) True: a PRM whose `score_outcomes` is
+                                     its read of the answer (aggregation "answer")
 (`verifiers.reward_model.Verifier`, `verifiers.hf_prm.HFProcessRewardModel`, which is a
 PRM by construction and has no `kind`); strategies that need none accept None.
 

@@ -21,10 +21,10 @@ delimiter) or to EOS. Each problem keeps N rows in the sampler; one iteration:
         cannot take over every subtree
 
 until no row is live or `max_steps` iterations; the answer is the finished candidate
-with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`, or `answer`: the
-PRM's answer read of each finished candidate; live rows
-cut off by `max_steps` compete only when nothing finished). All problems of a call share
-one compiled shape: problems_per_call x N rows.
+with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`; or
+`answer`, the PRM's answer read of each finished candidate; live rows cut off by
+`max_steps` compete only when nothing finished). All problems of a call share one
+compiled shape: problems_per_call x N rows.
 """
 
 from __future__ import annotations
@@ -136,8 +136,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
     P = B // N
     spent = np.zeros(P, np.int64)
     before = verifier.tokens_scored
-    reader = step_reader.make(verifier, prompts + [prompts[0]] * (P - len(chunk)),
-                              chunk + [chunk[0]] * (P - len(chunk)), tok, copies=N)
+    reader = step_reader.make(verifier, prompts, chunk, tok, copies=N, pad_to=P)
     _spend(verifier, before, spent, [len(p) for p in prompts] + [0] * (P - len(chunk)))
     # Rows of padding problems (a short last chunk) are dead from the start: never
     # continued, scored or waited for.
@@ -156,16 +155,16 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
           generated[b // N] += len(got.tokens) + int(got.finished)
           rows[b].live = got.stop not in (sampler.STOP_EOS, sampler.STOP_NONE)
       before = verifier.tokens_scored
-      for b, scores in enumerate(reader.extend(new)):
-        rows[b].steps += tuple(scores)
-        rows[b].score = rows[b].steps[-1] if rows[b].steps else best_of_n.NO_STEPS
+      for b, steps in enumerate(reader.extend(new)):
+        rows[b].steps = tuple(steps)
+        rows[b].score = steps[-1] if steps else best_of_n.NO_STEPS
       # 2. With lookahead, a live row is ranked by its step `lookahead` greedy steps on.
       if lookahead:
         extra = _lookahead(policy, state, [r.live for r in rows], lookahead, greedy,
                            generated, N)
-        for b, scores in enumerate(reader.peek(extra)):
-          if scores:
-            rows[b].score = scores[-1]
+        for b, steps in enumerate(reader.peek(extra)):
+          if rows[b].live and steps:
+            rows[b].score = steps[-1]
         new = [(n or []) + e for n, e in zip(new, extra)]
       _spend(verifier, before, spent,
              [sum(len(n or ()) for n in new[p * N:(p + 1) * N]) for p in range(P)])
@@ -202,7 +201,8 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       before = verifier.tokens_scored
       flat = verifier.score_outcomes([chunk[p] for p, t in enumerate(texts) for _ in t],
                                      [x for t in texts for x in t])
-      _spend(verifier, before, spent, [sum(len(x) + 1 for x in t) for t in texts]
+      _spend(verifier, before, spent, [sum(len(prompts[p]) + len(t) + 1 for t, _ in pool)
+                                       for p, pool in enumerate(pools)]
              + [0] * (P - len(chunk)))
       bounds = np.cumsum([0] + [len(t) for t in texts])
       scores = [flat[a:b] for a, b in zip(bounds, bounds[1:])]

@@ -63,7 +63,7 @@ def weighted_majority(problems: Sequence[dict], policy: core.Policy, verifier: A
                       ) -> list[core.SearchResult]:
   """Verifier-weighted voting over N = `budget` samples per problem: a* = argmax_a
   sum_i r_i 1[a_i = a], r_i an ORM's outcome score or a PRM's `aggregation` (last, min,
-  prod; default last) of its step scores."""
+  prod of its step scores, default last; or answer, its answer read)."""
   agg = best_of_n_lib.aggregator(verifier, "weighted_majority", aggregation, answer=True)
   drawn = core.draw(problems, policy, budget, seed, sampling)
   scored = best_of_n_lib.score_candidates(verifier, problems, drawn, agg)

@@ -117,6 +117,8 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
     return tree
 
   for section in sections:
+    if get(saved, section) is None and not get(new, section):
+      continue  # A setting added since the run was made, left at its off default.
     found = _diff(get(saved, section), get(new, section), section)
     if found:
       raise errors.RunFolderError(

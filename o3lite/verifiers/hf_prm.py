@@ -41,13 +41,9 @@ from o3lite.interop import safetensors_io
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.verifiers import steps as steps_lib
-from o3lite.verifiers.prm_conventions import (  # Re-exported: callers read them here.
-    CONVENTIONS, QWEN_SYSTEM, Convention, check_tokenizer, encode_input, math_shepherd,
-    qwen_chat_input, qwen_prm, shepherd_input)
+from o3lite.verifiers.prm_conventions import (CONVENTIONS, Convention, check_tokenizer,
+                                              encode_input)
 
-__all__ = ["CONVENTIONS", "QWEN_SYSTEM", "Convention", "HFProcessRewardModel", "check_tokenizer",
-           "detect_convention", "encode_input", "load_hf_prm", "math_shepherd",
-           "qwen_chat_input", "qwen_prm", "shepherd_input", "step_probabilities"]
 _CLASSIFIER = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 _MIN_LENGTH, _MIN_TAGS = 64, 8  # Smallest length and tag-count buckets.
 _PROBE = ("1 + 1 = ?", ["1 + 1 = 2", "The answer is 2"])  # Checks a convention at load.

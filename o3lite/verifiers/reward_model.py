@@ -9,7 +9,9 @@ p_t = sigmoid(z_t) at chosen positions of the row prompt + solution + EOS:
        P(final answer correct | question, solution)
   PRM  (Lightman et al. 2023, "Let's Verify Step by Step"; Math-Shepherd)  one read at the
        last token of each step: P(step i correct | question, steps 1..i), every step of a
-       solution in one forward pass (the causal mask keeps later steps out of each read)
+       solution in one forward pass (the causal mask keeps later steps out of each read);
+       with `answer_read`, one more read at the EOS, trained on the outcome: the PRM
+       judges the final answer after "</think>" too (`Verifier.score_outcomes`)
 
 Rows (`encode`, `rows`): one solution per row, left-aligned, [B, T] arrays
   inputs, positions, segment_ids   as in SFT (segment 1 on tokens, 0 on padding)
@@ -130,11 +132,16 @@ def _prm_row(prompt: list[int], written: list[int], tokenizer: Any,
   return Encoded(prompt + written + [tokenizer.eos_id], reads, labels)
 
 
+def same_tokenizer(a: Any, b: Any) -> bool:
+  """Whether tokenizers `a` and `b` have the same vocabulary (the same text for every
+  id and the same EOS), as a verifier reading a policy's tokens needs."""
+  return a.vocab_size == b.vocab_size and a.eos_id == b.eos_id and all(
+      a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
 def check_same_tokenizer(a: Any, b: Any, what: str) -> None:
-  """A one-line ConfigError unless tokenizers `a` and `b` have the same vocabulary (the
-  same text for every id), as a verifier scoring a policy's tokens needs."""
-  if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id or any(
-      a.decode([i]) != b.decode([i]) for i in range(a.vocab_size)):
+  """A one-line ConfigError unless `same_tokenizer(a, b)`."""
+  if not same_tokenizer(a, b):
     raise errors.ConfigError(f"{what}: its tokenizer differs from the policy's (a verifier "
                              "must read the policy's tokens)")
 
@@ -246,14 +253,15 @@ def from_policy(spec: state_lib.StateSpec, policy_params, seed: int):
 
 class Verifier:
   """A reward model ready to score solutions: its params (the ScalarHead tree), model
-  config, tokenizer and kind (a PRM trained with `answer_read` also reads the EOS: its
-  P(answer correct), what `score_outcomes` returns). Rows go `batch_size` at a time, [batch_size, T] with T the
-  chunk's longest row rounded up to a multiple of `LENGTH_BUCKET` (at most `seq_len`,
-  the longest row it takes): few compiled shapes, and short solutions do not pay for
-  `seq_len` (on a mesh, rows split over its batch axes).
+  config, tokenizer, kind and, for a PRM, `answer_read`. Rows go `batch_size` at a time,
+  [batch_size, T] with T the chunk's longest row rounded up to a multiple of
+  `LENGTH_BUCKET` (at most `seq_len`, the longest row it takes): few compiled shapes,
+  and short solutions do not pay for `seq_len` (on a mesh, rows split over its batch
+  axes).
 
     verifier.score_steps(examples, solutions)     PRM: a probability per step
-    verifier.score_outcomes(examples, solutions)  ORM: P(correct); PRM: its last step's
+    verifier.score_outcomes(examples, solutions)  ORM: P(correct); PRM: its answer read
+                                                  (`answer_read`), else its last step's
   """
 
   def __init__(self, params, model_cfg: model_lib.ModelConfig, tokenizer: Any, kind: str,

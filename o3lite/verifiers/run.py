@@ -213,15 +213,17 @@ def evaluate(verifier: rm.Verifier, records: Sequence[label_files.LabelledSoluti
   out: dict[str, Any] = {"kind": verifier.kind, "solutions": len(records),
                          "outcome_accuracy_of_policy": float(np.mean(outcomes))}
   if verifier.kind == "prm":
-    scores = verifier._probabilities([rm.encode(r.question, r.solution, verifier.tokenizer,
-                                                "prm", r.steps) for r in records])
+    reads = verifier._probabilities([rm.encode(r.question, r.solution, verifier.tokenizer,
+                                               "prm", r.steps, answer_read=verifier.answer_read)
+                                     for r in records])
+    scores = [p[:-1] for p in reads] if verifier.answer_read else reads
     gold = [r.metadata.get("exact_labels", r.labels) for r in records]
     out["step"] = metrics_lib.step_metrics(scores, gold, threshold)
     out["first_error"] = metrics_lib.first_error_f1(scores, gold, threshold)
     solution_p = {"last": [s[-1] if s else 0.5 for s in scores],
                   "min": [min(s) if s else 0.5 for s in scores]}
     if verifier.answer_read:  # Its read of the answer itself.
-      solution_p["answer"] = verifier.score_outcomes(examples, texts)
+      solution_p["answer"] = [p[-1] for p in reads]
     out["outcome"] = {agg: metrics_lib.calibration(p, outcomes)
                       for agg, p in solution_p.items()}
     main = out["outcome"]["min"]

@@ -2,27 +2,29 @@
 KV cache of its tokens, so a new step is scored from its own tokens only, not by
 re-reading the question and every earlier step (step-level search: beam, DVTS).
 
-  reader = step_reader.make(verifier, prompts, copies=N)   # N rows per prompt
-  new = reader.extend(step_tokens)        # per row: the scores of the steps just ended
+  reader = step_reader.make(verifier, prompts, examples, tokenizer, copies=N)
+  steps = reader.extend(step_tokens)      # per row: the scores of its steps so far
   reader.fork(parents)                    # row r becomes a copy of row parents[r]
-  ahead = reader.peek(more_tokens)        # scores after more tokens; rows not moved
+  ahead = reader.peek(more_tokens)        # the same after more tokens; rows not moved
 
 A step's score is the PRM's P(step i correct | question, steps 1..i), read at the step's
 last token exactly as `reward_model.encode_sampled` places the reads (the steps of the
-decoded text, `steps.split_completion`), so scores equal `Verifier.score_sampled` on the
-whole row (the cache holds the same keys and values a full pass computes). A step is
-"just ended" when its read falls among the tokens the call appended: a line's read
-needs the line's last character, so a step is scored once, when its text is complete
-(a line cut off mid-way is scored as it stands, and again once it goes on). Steps are
-those of the text written so far: a second "</think>" that makes earlier lines steps
-after the fact (the chain ends at the last one) does not score them.
+decoded text, `steps.split_completion`), so a row's scores equal `Verifier.score_sampled`
+on the whole row (the cache holds the keys and values a full pass computes). Only the
+steps whose read falls among the appended tokens are computed; the others keep their
+scores: a line cut off mid-way (a row stopped at a token such as "\n7") is scored as it
+stands and its score replaced once the line goes on. Steps are those of the text so far:
+a later "<think>" or second "</think>" changes which earlier lines are steps (the chain
+runs from the last "<think>" to the last "</think>"), which a reader of steps as they
+are written cannot follow: such a row keeps the scores it read (the `Rereader` gives a
+whole pass's).
 
-`make` gives a `CachedReader` for an o3lite `reward_model.Verifier` (a PRM on the
-policy's tokenizer, the only kind whose reads sit on the policy's tokens) and a
-`Rereader` for anything else with `score_steps` (an external Hugging Face PRM with its
-own tokenizer): it scores each row's whole decoded text again at every call, the same
-numbers at the cost the cache saves. Both add the tokens they run to the verifier's
-`tokens_scored` (compute accounting: the cached reader runs every token once).
+`make` gives a `CachedReader` for an o3lite `reward_model.Verifier` on the policy's
+tokenizer (its reads sit on the policy's tokens) and a `Rereader` for anything else with
+`score_steps` (an external Hugging Face PRM, a verifier with another tokenizer): it
+scores each changed row's whole decoded text again at every call, the same numbers at
+the cost the cache saves. Both add the tokens they run to the verifier's `tokens_scored`
+(compute accounting: the cached reader runs every real token once).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from o3lite import errors
 from o3lite.model import heads
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import decoding
+from o3lite.parallel import mesh as sharding_lib
 from o3lite.sampling import sampler
 from o3lite.verifiers import reward_model
 from o3lite.verifiers import steps as steps_lib
@@ -112,18 +116,23 @@ class _Text:
 class CachedReader:
   """Rows of growing solutions, each with its KV cache of the PRM (`verifier`, an
   o3lite `reward_model.Verifier` of kind "prm" on the policy's tokenizer): row
-  i * copies + j starts as prompts[i]. On a mesh (the verifier's), rows split over its
-  batch axes: their count must be a multiple of the batch shards."""
+  i * copies + j starts as prompts[i]; `pad_to` prompts in all, the missing ones copies
+  of the first (padding: never counted as verifier work, their rows never fed). On a
+  mesh (the verifier's), rows split over its batch axes: their count must be a multiple
+  of the batch shards. A row longer than the verifier's `seq_len` (prompt + solution +
+  EOS) is a one-line ConfigError, as `Verifier` makes it."""
 
   def __init__(self, verifier: reward_model.Verifier, prompts: Sequence[Sequence[int]],
-               copies: int = 1):
+               copies: int = 1, pad_to: int | None = None):
     self.verifier = verifier
     self._where = sampler.placement(verifier.mesh, verifier.rules)
-    self._where.check_rows(len(prompts) * copies)
+    count = max(pad_to or 0, len(prompts))
+    self._where.check_rows(count * copies)
     tok = verifier.tokenizer
     self._decode, self._pieces = tok.decode, {}
-    shards = self._where.shards  # The prefill's rows: the prompts, padded to the shards.
-    padded = list(prompts) + [prompts[0]] * (_round_up(len(prompts), shards) - len(prompts))
+    # The prefill's rows: the prompts, padded to `count` and to the batch shards.
+    padded = list(prompts) + [prompts[0]] * (_round_up(count, self._where.shards)
+                                             - len(prompts))
     lengths = np.array([len(p) for p in padded], np.int32)
     P = _round_up(int(lengths.max()), _BUCKET)
     prompt_BxP = np.full((len(padded), P), tok.pad_id, np.int32)
@@ -134,10 +143,11 @@ class CachedReader:
       cache = _prefill(verifier.params, placed["prompt"], placed["length"],
                        verifier.model_cfg, P)
     verifier.tokens_scored += int(lengths[:len(prompts)].sum())
-    self._rows = np.repeat(np.arange(len(prompts)), copies)
-    self._cache = self._fork(cache, self._rows)
-    self._length = lengths[self._rows]  # Tokens in each row's cache (prompt + written).
-    self._texts = [_Text() for _ in self._rows]
+    rows = np.repeat(np.arange(count), copies)
+    self._cache = self._fork(cache, rows)
+    self._length = lengths[rows]  # Tokens in each row's cache (prompt + written).
+    self._texts = [_Text() for _ in rows]
+    self._steps: list[tuple[float, ...]] = [() for _ in rows]
 
   @property
   def rows(self) -> int:
@@ -166,21 +176,26 @@ class CachedReader:
     self._cache = self._fork(self._cache, parents)
     self._length = self._length[np.asarray(parents)]
     self._texts = [self._texts[p] for p in parents]
+    self._steps = [self._steps[p] for p in parents]
 
   def extend(self, new: Sequence[Sequence[int] | None]) -> list[list[float]]:
-    """Appends new[b] to row b (None or []: nothing); per row, the scores of the steps
-    whose last token is among the appended ones, in order."""
-    scores, self._cache, self._length, self._texts = self._run(new, keep=False)
-    return scores
+    """Appends new[b] to row b (None or []: nothing); per row, the scores of all its
+    steps so far (only the steps whose last token is among the appended ones are read)."""
+    self._steps, self._cache, self._length, self._texts = self._run(new, keep=False)
+    return [list(s) for s in self._steps]
 
   def peek(self, new: Sequence[Sequence[int] | None]) -> list[list[float]]:
     """`extend`'s scores, the rows left as they were (lookahead)."""
-    return self._run(new, keep=True)[0]
+    return [list(s) for s in self._run(new, keep=True)[0]]
 
   def _run(self, new, keep: bool):
     if len(new) != self.rows:
       raise ValueError(f"{len(new)} token lists for {self.rows} rows")
     counts = np.array([len(n or ()) for n in new], np.int32)
+    longest = int((self._length + counts).max()) + 1  # + the EOS a verifier row ends with.
+    if longest > self.verifier.seq_len:
+      raise errors.ConfigError(f"a solution of {longest} tokens (prompt + solution + EOS) "
+                               f"does not fit the verifier's seq_len {self.verifier.seq_len}")
     T = _round_up(max(int(counts.max()), 1), _BUCKET)
     new_BxT = np.full((self.rows, T), self.verifier.tokenizer.pad_id, np.int32)
     for b, n in enumerate(new):
@@ -192,32 +207,37 @@ class CachedReader:
       p_BxT, cache = run(self.verifier.params, self._cache, placed["new"], placed["length"],
                          self.verifier.model_cfg, capacity)
     self.verifier.tokens_scored += int(counts.sum())
-    # Where the new steps are read, worked out on the host while the device runs.
+    # Where the steps are read, worked out on the host while the device runs: a row
+    # keeps the scores of its steps read before the appended tokens.
     texts, reads = [], []
     for b, text in enumerate(self._texts):
       if counts[b]:
         before, text = len(text.tokens), text.plus(new[b], self._decode, self._piece)
-        reads.append([r - before for r in text.reads() if r >= before])
+        at = text.reads()
+        kept = sum(r < before for r in at)
+        reads.append((min(kept, len(self._steps[b])), [r - before for r in at[kept:]]))
       else:
-        reads.append([])
+        reads.append((len(self._steps[b]), []))
       texts.append(text)
-    p_BxT = np.asarray(jax.device_get(p_BxT))
-    scores = [[float(p_BxT[b, t]) for t in at] for b, at in enumerate(reads)]
-    return scores, cache, self._length + counts, texts
+    p_BxT = np.asarray(sharding_lib.to_host(p_BxT))
+    steps = [self._steps[b][:kept] + tuple(float(p_BxT[b, t]) for t in at)
+             for b, (kept, at) in enumerate(reads)]
+    return steps, cache, self._length + counts, texts
 
 
 class Rereader:
   """`CachedReader`'s interface for any PRM with `score_steps(examples, solutions)`:
   every call scores each changed row's whole decoded text again (row i * copies + j is
-  examples[i]'s) and returns the scores past the steps it returned before (a line cut
-  off mid-way is not scored again when it goes on, as the cached reader does)."""
+  examples[i]'s; `pad_to` as `CachedReader`'s)."""
 
   def __init__(self, verifier: Any, examples: Sequence[dict], tokenizer: Any,
-               copies: int = 1):
+               copies: int = 1, pad_to: int | None = None):
     self.verifier, self._decode = verifier, tokenizer.decode
+    examples = list(examples) + [examples[0]] * (max(pad_to or 0, len(examples))
+                                                 - len(examples))
     self._examples = [e for e in examples for _ in range(copies)]
     self._tokens = [[] for _ in self._examples]
-    self._scored = [0] * len(self._examples)  # Steps already returned per row.
+    self._steps = [[] for _ in self._examples]
 
   @property
   def rows(self) -> int:
@@ -232,14 +252,12 @@ class Rereader:
   def fork(self, parents: Sequence[int]) -> None:
     self._examples = [self._examples[p] for p in parents]
     self._tokens = [self._tokens[p] for p in parents]
-    self._scored = [self._scored[p] for p in parents]
+    self._steps = [self._steps[p] for p in parents]
 
   def extend(self, new: Sequence[Sequence[int] | None]) -> list[list[float]]:
-    tokens = [t + list(n or ()) for t, n in zip(self._tokens, new)]
-    scores = self._score(tokens, new)
-    self._tokens = tokens
-    self._scored = [k + len(s) for k, s in zip(self._scored, scores)]
-    return scores
+    self._tokens = [t + list(n or ()) for t, n in zip(self._tokens, new)]
+    self._steps = self._score(self._tokens, new)
+    return [list(s) for s in self._steps]
 
   def peek(self, new: Sequence[Sequence[int] | None]) -> list[list[float]]:
     return self._score([t + list(n or ()) for t, n in zip(self._tokens, new)], new)
@@ -248,18 +266,20 @@ class Rereader:
     todo = [b for b, n in enumerate(new) if n]
     scored = self.verifier.score_steps([self._examples[b] for b in todo],
                                        [self._decode(tokens[b]) for b in todo])
-    out = [[] for _ in new]
+    out = [list(s) for s in self._steps]
     for b, steps in zip(todo, scored):
-      out[b] = [float(x) for x in steps[self._scored[b]:]]
+      out[b] = [float(x) for x in steps]
     return out
 
 
 def make(verifier: Any, prompts: Sequence[Sequence[int]], examples: Sequence[dict],
-         tokenizer: Any, copies: int = 1) -> CachedReader | Rereader:
-  """A `CachedReader` for an o3lite PRM (`reward_model.Verifier`), else a `Rereader`;
-  prompts[i] is `formatting.format_prompt(examples[i]["question"])` in the policy's
-  tokens."""
-  if isinstance(verifier, reward_model.Verifier):
-    return CachedReader(verifier, prompts, copies)
-  return Rereader(verifier, examples, tokenizer, copies)
-
+         tokenizer: Any, copies: int = 1, pad_to: int | None = None
+         ) -> CachedReader | Rereader:
+  """A `CachedReader` for an o3lite PRM (`reward_model.Verifier`) on `tokenizer`'s
+  vocabulary, else a `Rereader`; prompts[i] is `formatting.format_prompt(
+  examples[i]["question"])` in `tokenizer`'s tokens (the policy's)."""
+  if isinstance(verifier, reward_model.Verifier) and (
+      verifier.tokenizer is tokenizer
+      or reward_model.same_tokenizer(verifier.tokenizer, tokenizer)):
+    return CachedReader(verifier, prompts, copies, pad_to)
+  return Rereader(verifier, examples, tokenizer, copies, pad_to)
