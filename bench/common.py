@@ -82,17 +82,19 @@ def best_of(fn, repeats: int):
   return best, result
 
 
-def best_of_interleaved(fns: Sequence[Any], repeats: int) -> list[tuple[float, Any]]:
+def best_of_interleaved(fns: Sequence[Any], repeats: int
+                        ) -> list[tuple[float, Any, list[float]]]:
   """`best_of` for several functions that take turns (one untimed call each first), so
-  a slow spell of the machine hits them alike: per function (best seconds, last result)."""
+  a slow spell of the machine hits them alike: per function (best seconds, last result,
+  every turn's seconds)."""
   results = [fn() for fn in fns]
-  best = [float("inf")] * len(fns)
+  times: list[list[float]] = [[] for _ in fns]
   for _ in range(repeats):
     for i, fn in enumerate(fns):
       begin = time.perf_counter()
       results[i] = fn()
-      best[i] = min(best[i], time.perf_counter() - begin)
-  return list(zip(best, results))
+      times[i].append(time.perf_counter() - begin)
+  return [(min(t), r, t) for t, r in zip(times, results)]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

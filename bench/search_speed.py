@@ -10,8 +10,9 @@ test split, or the default task's): `best_of_n` (N samples per problem, the PRM 
 every candidate once) and `beam` (N beams, keep N / `--expand`, one step at a time, the
 PRM scoring every live beam after every step), both through `o3lite.search.core`; each
 path runs once untimed (compiling its shapes), then the two take turns for `--repeats`
-timed runs each and the best of each counts (turns: a slow spell of the machine hits
-both). Reported: generated tokens per problem, verifier tokens per problem, seconds, and
+timed runs each; reported: the best of each, and the median (and range) of the
+paired ratios, each beam turn over the best-of-N turn just before it (turns: a slow
+spell of the machine hits both). Reported: generated tokens per problem, verifier tokens per problem, seconds, and
 beam's wall time over best-of-N's, raw and per generated token. Target (issue 11): at
 most 1.5x (search-and-learn's beam search is about 20x best-of-N's wall time, one
 prompt at a time). Then `mcts` at `--mcts_simulations` simulations: problems per second
@@ -25,6 +26,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from bench import common
 from o3lite.data import sources
@@ -44,7 +46,7 @@ _STEP_TOKENS = flags.DEFINE_integer("step_tokens", 16, "Beam: most tokens per st
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 8, "Beam: most steps.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Best-of-N: most tokens.")
 _MCTS = flags.DEFINE_integer("mcts_simulations", 16, "MCTS simulations per problem.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per path, taking turns "
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per path, taking turns "
                                 "(the best counts).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 8 problems, N = 4.")
 
@@ -94,21 +96,26 @@ def main(argv):
   for n in budgets:
     options = {"expand": min(_EXPAND.value, n), "step_tokens": _STEP_TOKENS.value,
                "max_steps": _MAX_STEPS.value}
-    (bon_s, bon_out), (beam_s, beam_out) = common.best_of_interleaved(
+    (bon_s, bon_out, bon_t), (beam_s, beam_out, beam_t) = common.best_of_interleaved(
         [call("best_of_n", n), call("beam", n, **options)], _REPEATS.value)
     bon = record("best_of_n", n, bon_s, bon_out)
     beam = record("beam", n, beam_s, beam_out, **options)
     ratio = beam["seconds"] / bon["seconds"]
+    # Each turn's beam time over the best-of-N time just before it: paired, so a slow
+    # spell of the machine cancels; their median and range.
+    turns = sorted(b / o for b, o in zip(beam_t, bon_t))
+    beam["turn_ratios"] = turns
     per_token = ratio * bon["generated_tokens"] / max(beam["generated_tokens"], 1)
     results["runs"] += [bon, beam]
     for r in (bon, beam):
       rows.append([r["strategy"], n, f"{r['generated_tokens']:,.0f}",
                    f"{r['verifier_tokens']:,.0f}", f"{r['seconds']:.2f} s",
-                   f"{ratio:.2f}x / {per_token:.2f}x" if r is beam else ""])
+                   f"{ratio:.2f}x / {per_token:.2f}x; turns: median {np.median(turns):.2f}x "
+                   f"({turns[0]:.2f}-{turns[-1]:.2f})" if r is beam else ""])
   print(f"{len(problems)} problems searched together")
   print(common.markdown_table(
       ["strategy", "N", "generated tok / problem", "verifier tok / problem", "seconds",
-       "beam / best-of-N (raw / per generated token)"], rows))
+       "beam / best-of-N (best / best, per generated token; paired turns)"], rows))
   if "mcts" in core.STRATEGIES and _MCTS.value:
     mcts = record("mcts", _MCTS.value, *common.best_of(call("mcts", _MCTS.value),
                                                        _REPEATS.value))
