@@ -126,6 +126,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
   greedy = _step_config(policy, sampling, step_tokens, 1, greedy=True)
   per_call = min(sampling.problems_per_call(N), len(problems))
   key = jax.random.PRNGKey(seed)
+  new_reader = step_reader.readers(verifier, tok)
   results = []
   for c, begin in enumerate(range(0, len(problems), per_call)):
     chunk = problems[begin:begin + per_call]
@@ -136,7 +137,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
     P = B // N
     spent = np.zeros(P, np.int64)
     before = verifier.tokens_scored
-    reader = step_reader.make(verifier, prompts, chunk, tok, copies=N, pad_to=P)
+    reader = new_reader(prompts, chunk, copies=N, pad_to=P)
     _spend(verifier, before, spent, [len(p) for p in prompts] + [0] * (P - len(chunk)))
     # Rows of padding problems (a short last chunk) are dead from the start: never
     # continued, scored or waited for.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,7 @@ class _Text:
   def plus(self, new: Sequence[int], decode, piece) -> _Text:
     tokens = self.tokens + tuple(new)
     text = decode(list(tokens))
-    pieces = [piece(t) for t in new]
+    pieces = [piece(t) for t in new] if self.by_pieces else []
     if self.by_pieces and self.text + "".join(pieces) == text:
       offsets = self.offsets + tuple(len(self.text) + n
                                      for n in itertools.accumulate(len(p) for p in pieces))
@@ -272,14 +272,26 @@ class Rereader:
     return out
 
 
+def readers(verifier: Any, tokenizer: Any
+            ) -> Callable[..., CachedReader | Rereader]:
+  """`make` for many batches of rows, the reader kind chosen once (the vocabulary check
+  decodes every id): (prompts, examples, copies=1, pad_to=None) -> a reader."""
+  cached = isinstance(verifier, reward_model.Verifier) and (
+      verifier.tokenizer is tokenizer
+      or reward_model.same_tokenizer(verifier.tokenizer, tokenizer))
+
+  def reader(prompts, examples, copies: int = 1, pad_to: int | None = None):
+    if cached:
+      return CachedReader(verifier, prompts, copies, pad_to)
+    return Rereader(verifier, examples, tokenizer, copies, pad_to)
+
+  return reader
+
+
 def make(verifier: Any, prompts: Sequence[Sequence[int]], examples: Sequence[dict],
          tokenizer: Any, copies: int = 1, pad_to: int | None = None
          ) -> CachedReader | Rereader:
   """A `CachedReader` for an o3lite PRM (`reward_model.Verifier`) on `tokenizer`'s
   vocabulary, else a `Rereader`; prompts[i] is `formatting.format_prompt(
   examples[i]["question"])` in `tokenizer`'s tokens (the policy's)."""
-  if isinstance(verifier, reward_model.Verifier) and (
-      verifier.tokenizer is tokenizer
-      or reward_model.same_tokenizer(verifier.tokenizer, tokenizer)):
-    return CachedReader(verifier, prompts, copies, pad_to)
-  return Rereader(verifier, examples, tokenizer, copies, pad_to)
+  return readers(verifier, tokenizer)(prompts, examples, copies, pad_to)
