@@ -90,11 +90,16 @@ def char_offsets(tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) 
   return [len(decode(tokens[:j])) for j in range(len(tokens) + 1)]
 
 
+def first_reaching(offsets: Sequence[int], position: int) -> int:
+  """The fewest tokens whose text reaches character `position` (`offsets` from
+  `char_offsets`; all the tokens if none does)."""
+  return min(bisect.bisect_left(offsets, position), len(offsets) - 1)
+
+
 def last_tokens(offsets: Sequence[int], ends: Sequence[int]) -> list[int]:
   """For each character position in `ends`, the index of the last of the fewest tokens
-  whose text reaches it (`offsets` from `char_offsets`): where a verifier reads a step
-  that ends there."""
-  return [bisect.bisect_left(offsets, end) - 1 for end in ends]
+  whose text reaches it: where a verifier reads a step that ends there."""
+  return [first_reaching(offsets, end) - 1 for end in ends]
 
 
 def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
@@ -102,15 +107,12 @@ def token_spans(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
   """Where `steps` (of the text `decode(tokens)`) are in `tokens`.
 
   A token belongs to the step its text overlaps; a token that also holds the start of
-  the next step (a merged "\\n3") ends the prefix after it. Cost: one decode per prefix.
+  the next step (a merged "\\n3") ends the prefix after it. Cost: `char_offsets`'.
   """
   offsets = char_offsets(tokens, decode)
-
-  def first_reaching(position: int) -> int:  # Fewest tokens whose text reaches it.
-    return next((j for j, n in enumerate(offsets) if n >= position), len(tokens))
-
-  return [TokenSpan(max(first_reaching(s.start + 1) - 1, 0), first_reaching(s.end),
-                    first_reaching(s.boundary)) for s in steps]
+  reach = lambda position: first_reaching(offsets, position)
+  return [TokenSpan(max(reach(s.start + 1) - 1, 0), reach(s.end), reach(s.boundary))
+          for s in steps]
 
 
 def step_value(step: str) -> int | None:
