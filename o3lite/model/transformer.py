@@ -371,13 +371,11 @@ class Transformer(nn.Module):
                        ("embed", "vocab"))
     if self.hidden:
       out = x_BxTxD.astype(jnp.float32)
-    elif cfg.tie_embeddings:  # [V, D], used transposed without a copy.
-      out = kernels.einsum("btd,vd->btv", x_BxTxD, embedding_VxD.astype(cfg.compute_dtype),
-                           cfg.kernels)
-    else:
-      out = kernels.einsum("btd,dv->btv", x_BxTxD, out_DxV.astype(cfg.compute_dtype),
-                           cfg.kernels)
-    if not self.hidden:
+    else:  # Tied: the [V, D] embedding, used transposed without a copy.
+      out = (kernels.einsum("btd,vd->btv", x_BxTxD, embedding_VxD.astype(cfg.compute_dtype),
+                            cfg.kernels) if cfg.tie_embeddings else
+             kernels.einsum("btd,dv->btv", x_BxTxD, out_DxV.astype(cfg.compute_dtype),
+                            cfg.kernels))
       out = nn.with_logical_constraint(out.astype(jnp.float32),
                                        ("batch", "length", "activation_vocab"))
 
