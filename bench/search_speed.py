@@ -10,10 +10,10 @@ test split, or the default task's): `best_of_n` (N samples per problem, the PRM 
 every candidate once) and `beam` (N beams, keep N / `--expand`, one step at a time, the
 PRM scoring every live beam after every step), both through `o3lite.search.core`; each
 path runs once untimed (compiling its shapes), then the two take turns for `--repeats`
-timed runs each; reported: the best of each, and the median (and range) of the
-paired ratios, each beam turn over the best-of-N turn just before it (turns: a slow
-spell of the machine hits both). Reported: generated tokens per problem, verifier tokens per problem, seconds, and
-beam's wall time over best-of-N's, raw and per generated token. Target (issue 11): at
+timed runs each (a slow spell of the machine hits both). Reported: generated tokens per
+problem, verifier tokens per problem, the best seconds of each, and beam's wall time
+over best-of-N's: best over best, per generated token, and the median (and range) of
+the paired turns, each beam turn over the best-of-N turn just before it. Target (issue 11): at
 most 1.5x (search-and-learn's beam search is about 20x best-of-N's wall time, one
 prompt at a time). Then `mcts` at `--mcts_simulations` simulations: problems per second
 (if the strategy is registered). Writes `bench/results/search_speed.json`.

@@ -275,13 +275,14 @@ def run_verifier(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   eval_records = label_files.read_labelled(eval_path)
   encoded = verifier_data.encode_records(records, run.tokenizer, v.kind, v.soft_labels,
                                          v.answer_read)
-  items = verifier_data.preference_pairs(records, encoded) if v.loss == "bradley_terry" else encoded
+  pairs = v.loss == "bradley_terry"
+  items = verifier_data.preference_pairs(records, encoded) if pairs else encoded
   if not items:
     raise errors.DataError(f"{train_path}: no " + (
         "question with both a correct and a wrong solution (Bradley-Terry needs pairs)"
-        if v.loss == "bradley_terry" else "labelled solutions"))
-  batches = verifier_data.Batches(items, v.batch_size, v.seq_len, run.tokenizer.pad_id, config.seed,
-                    pairs=v.loss == "bradley_terry")
+        if pairs else "labelled solutions"))
+  batches = verifier_data.Batches(items, v.batch_size, v.seq_len, run.tokenizer.pad_id,
+                                  config.seed, pairs=pairs)
   run_folder.save(workdir, config, run.model_cfg, run.tokenizer)
   is_main = jax.process_index() == 0
   source, is_hf = _trunk_source(config, policy_dir)
