@@ -68,7 +68,7 @@ def run_variant(name: str, root: str) -> dict:
   config = module.get_config()
   config.data.data_dir = _DATA_DIR.value
   if _NUM_STEPS.value is not None:
-    config.train.num_steps = _NUM_STEPS.value
+    config.loop.num_steps = _NUM_STEPS.value
   if _EVAL_EXAMPLES.value is not None:
     config.eval.num_examples = _EVAL_EXAMPLES.value
   sources.get_builder(config.data)  # Prepare (or find) the dataset outside the timing.
@@ -85,7 +85,7 @@ def run_variant(name: str, root: str) -> dict:
       "accuracy": metrics["accuracy"],
       "num_examples": metrics["num_examples"],
       "split": metrics["split"],
-      "train_steps": metrics.get("step", config.train.num_steps),
+      "train_steps": metrics.get("step", config.loop.num_steps),
       "wall_seconds": wall_s,
       "parameters": count_params(workdir),
       "mean_completion_tokens": metrics["mean_completion_tokens"],

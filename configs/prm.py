@@ -2,8 +2,9 @@
 
   python -m o3lite.train --config=configs/prm.py [--workdir=DIR] [--config.verifier.a=value]
 
-With `verifier.policy` empty it first trains the policy (the SFT warm start of
-configs/rl.py, on chains with 30% slips, so it makes real mistakes) in DIR/policy, samples
+With `init_from` empty it first trains the policy (the nested `policy` section: the SFT
+warm start of configs/rl.py, on chains with 30% slips, so it makes real mistakes) in
+DIR/policy, samples
 its solutions to training problems, labels every step (Monte Carlo, Math-Shepherd, by
 default), trains the PRM (the policy's trunk + a scalar head, binary cross-entropy at
 every step's last token) and judges it on held-out solutions against exact step labels:
@@ -13,12 +14,18 @@ DIR/eval.json, DIR/reliability.png. Every field is commented; a typo is an error
 import ml_collections
 
 from configs import rl
+from configs import sft
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = rl.get_config()  # The policy's sections (model, data, train, optimizer, mesh, eval).
+  c = rl.get_config()  # seed, model, data, mesh, eval; its warm start is our policy.
+  c.method = "verifier"  # The stage that runs this config.
+  # The policy whose solutions are labelled: an o3lite run folder or a local Hugging Face
+  # folder; "" = the nested `policy` below (configs/sft.py's sections), SFT in DIR/policy.
+  c.init_from = ""
+  c.policy = c.warm_start
+  del c["warm_start"]
   del c["rl"]
-  c.method = "verifier"  # Which trainer runs this config.
   # Chains written with slips at half configs/rl.py's rate: the policy's sampled held-out
   # pass@1 is then 40-60% (measured: 45.9%), so its solutions mix right and wrong steps.
   c.data.cot_slip_rate = 0.3
@@ -26,12 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   v = c.verifier = ml_collections.ConfigDict()
   v.kind = "prm"  # prm (a score per step) | orm (a score per solution).
-  # The policy whose solutions are labelled: an o3lite run folder; "" = SFT in DIR/policy.
-  v.policy = ""
-  # The verifier's trunk: another run folder's policy, or a local HF folder; "" (both) =
-  # the policy's.
-  v.init_from = ""
-  v.init_from_hf = ""
+  # Where the verifier's trunk starts: a run folder or a local HF folder; "" = the policy.
+  v.trunk_from = ""
   # Labelled JSONL files (o3lite.verifiers.label_files) to train / evaluate on instead of
   # sampling and labelling into DIR/labels/ ("" = make them).
   v.labels = ""
@@ -69,14 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   v.loss = "bce"  # bce | bradley_terry (orm only: correct vs wrong pairs of a question).
   v.seq_len = 96  # Tokens per row: prompt + solution + EOS (a longer one is an error).
   v.batch_size = 32  # Solutions per step.
-  v.num_steps = 300
-  v.optimizer = ml_collections.ConfigDict({
+  c.loop = sft.loop(num_steps=300, log_every=50, eval_every=0, checkpoint_every=100,
+                    keep_checkpoints=2)
+  # The reward model's optimizer (o3lite.training.optimizer).
+  c.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-3, "warmup_steps": 30, "final_lr_fraction": 0.1,
       "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.98, "eps": 1e-8, "weight_decay": 0.01})
-  v.log_every = 50  # Steps between console lines.
-  v.checkpoint_every = 100
-  v.keep_checkpoints = 2
-  v.max_nonfinite_in_a_row = 10
 
   # Held-out judgement.
   v.eval_batch_size = 64  # Solutions scored per call.

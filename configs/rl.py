@@ -2,9 +2,9 @@
 
   python -m o3lite.train --config=configs/rl.py [--workdir=DIR] [--config.rl.a=value]
 
-With `rl.sft_init` empty it first runs a short SFT warm start in DIR/sft (the `train`,
-`optimizer` and `data` sections below, from configs/sft.py, configure it; it stops early
-on purpose, so RL has room to improve), then RL from it. DIR/eval.json holds the held-out
+With `init_from` empty it first runs a short SFT warm start in DIR/sft (the nested
+`warm_start` section: configs/sft.py's own sections, with this run's model, data, mesh and
+eval; it stops early on purpose, so RL has room to improve), then RL from it. DIR/eval.json holds the held-out
 metrics before and after RL. Every field is commented; a typo is an error.
 """
 
@@ -14,24 +14,40 @@ from configs import sft
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = sft.get_config()
-  c.method = "rl"  # Which trainer runs this config.
+  c = sft.get_config()  # seed, model, data, mesh, eval: shared with the warm start.
+  c.method = "rl"  # The stage that runs this config.
+  # The policy RL starts from: an o3lite run folder or a local Hugging Face folder;
+  # "" = the `warm_start` below, trained in DIR/sft.
+  c.init_from = ""
 
   # The SFT warm start, on imperfect demonstrations: in 60% of the training chains each
   # `*` step is written off by one, so the warm-started model slips the same way and RL
-  # has something real to fix (measured: README.md, Results).
+  # has something real to fix (measured: RESULTS.md).
   c.data.cot_slip_rate = 0.6
-  c.train.num_steps = 800  # SFT steps of the warm start.
-  c.train.eval_every = 0  # No periodic evaluation during the warm start.
-  c.train.checkpoint_every = 50
+  c.warm_start = sft.nested(c)  # method, init_from, sft, loop, optimizer (configs/sft.py).
+  c.warm_start.loop.num_steps = 800  # SFT steps of the warm start.
+  c.warm_start.loop.eval_every = 0  # No periodic evaluation during the warm start.
+  c.warm_start.loop.checkpoint_every = 50
+  del c["sft"]
 
   c.eval.num_examples = 500  # Held-out problems evaluated before and after RL.
   c.eval.num_samples = 8  # Samples per problem for pass@k and maj@k.
 
+  # RL steps (sample, score, update); metrics.jsonl gets every step.
+  c.loop = sft.loop(num_steps=100, log_every=10, eval_every=50, checkpoint_every=10,
+                    keep_checkpoints=2)
+  # The RL updates' optimizer (o3lite.training.optimizer): steps are minibatch updates;
+  # final_lr_fraction 1 keeps the rate constant after warmup.
+  c.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 3e-4,  # Policy AdamW peak learning rate.
+      "warmup_steps": 5,  # Linear warmup of both models' learning rates, in updates.
+      "final_lr_fraction": 1.0,  # Constant after the warmup.
+      "grad_clip_norm": 1.0,  # Global-norm clipping of each model's gradient.
+      "b1": 0.9, "b2": 0.99, "eps": 1e-8,  # AdamW betas and epsilon.
+      "weight_decay": 0.0,  # Decoupled weight decay on matrices.
+  })
+
   c.rl = ml_collections.ConfigDict()
-  c.rl.sft_init = ""  # Run folder of an SFT run to start from; "" = warm start in DIR/sft.
-  c.rl.init_from_hf = ""  # Or a local HF Llama / Qwen2 folder to start from (no warm start).
-  c.rl.num_steps = 100  # RL steps (sample, score, update).
   c.rl.prompts_per_step = 32  # Training prompts sampled per step.
   c.rl.group_size = 8  # Completions per prompt.
   c.rl.max_prompt_len = 32  # Prompts are padded to this many tokens (one compile).
@@ -40,19 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.epochs = 1  # Passes over each step's samples.
   c.rl.minibatch_size = 128  # Completions per update (divides prompts x group).
   c.rl.grad_accum_steps = 1  # Microbatches per update (same update, less memory).
-  # The RL updates' optimizer (o3lite.training.optimizer, as the `optimizer` section):
-  # steps are minibatch updates; final_lr_fraction 1 keeps the rate constant after warmup.
-  c.rl.optimizer = ml_collections.ConfigDict({
-      "learning_rate": 3e-4,  # Policy AdamW peak learning rate.
-      "warmup_steps": 5,  # Linear warmup of both models' learning rates, in updates.
-      "final_lr_fraction": 1.0,  # Constant after the warmup.
-      "grad_clip_norm": 1.0,  # Global-norm clipping of each model's gradient.
-      "b1": 0.9, "b2": 0.99, "eps": 1e-8,  # AdamW betas and epsilon.
-      "weight_decay": 0.0,  # Decoupled weight decay on matrices.
-  })
   c.rl.value_learning_rate = 1e-3  # The critic's peak learning rate (same schedule).
   c.rl.vocab_chunk = 0  # Vocabulary columns per log-sum-exp chunk in the learner (0 = all).
-  c.rl.max_nonfinite_in_a_row = 10  # RL steps with a NaN / inf update in a row that stop.
 
   # The algorithm (o3lite.rl.algorithms; names are registered functions).
   c.rl.advantage = "gae"  # gae (PPO with a critic) | grpo | dr_grpo | rloo.
@@ -89,9 +94,4 @@ def get_config() -> ml_collections.ConfigDict:
       "mode": "score",  # score (r_i = p_i) | difference (r_i = p_i - p_{i-1}, p_0 = 0).
       "batch_size": 64,  # Completions per PRM call.
   })
-
-  c.rl.log_every = 10  # Steps between console lines (metrics.jsonl gets every step).
-  c.rl.eval_every = 50  # Steps between held-out evaluations (0 = before and after only).
-  c.rl.checkpoint_every = 10  # Steps between checkpoints.
-  c.rl.keep_checkpoints = 2  # How many recent checkpoints to keep.
   return c

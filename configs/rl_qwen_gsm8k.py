@@ -1,7 +1,7 @@
 """PPO-family RL of Qwen2.5-0.5B on GSM8K with its `####` answer checker.
 
   python -m o3lite.train --config=configs/rl_qwen_gsm8k.py \\
-      --config.rl.init_from_hf=/path/to/Qwen2.5-0.5B-Instruct [--workdir=DIR]
+      --config.init_from=/path/to/Qwen2.5-0.5B-Instruct [--workdir=DIR]
 
 Starts straight from a local Hugging Face Qwen2 folder (config.json, safetensors, tokenizer;
 nothing is downloaded): no SFT warm start. The think delimiters become two new tokens
@@ -31,24 +31,24 @@ def get_config():
   c.model.remat = True  # Rematerialize blocks in the backward pass.
   c.mesh.shape = (-1, 1, 1)  # e.g. (2, 4, 1) on 8 devices to shard parameters (fsdp).
 
-  c.rl.init_from_hf = ""  # Required: the local Qwen2.5-0.5B(-Instruct) folder.
+  c.init_from = ""  # Required: the local Qwen2.5-0.5B(-Instruct) folder.
   c.rl.advantage = "grpo"  # Group-normalized outcome rewards, no critic.
   c.rl.loss_aggregation = "token-mean"
   c.rl.clip_high = 0.28  # DAPO clip-higher.
   c.rl.kl_coef = 0.001  # Small anchor to the starting model, k3 in the loss.
-  c.rl.num_steps = 200
+  c.loop.num_steps = 200
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8
   c.rl.minibatch_size = 32
   c.rl.grad_accum_steps = 4  # Microbatches of 8 completions (bench/rl_memory.py).
   c.rl.max_prompt_len = 256
   c.rl.max_new_tokens = 512
-  c.rl.optimizer.learning_rate = 1e-6
-  c.rl.optimizer.warmup_steps = 10
+  c.optimizer.learning_rate = 1e-6
+  c.optimizer.warmup_steps = 10
   c.rl.vocab_chunk = 8192  # Log-probs over 19 chunks of the 151,936-token vocabulary.
   c.rl.dynamic_sampling = True  # DAPO: refill groups whose rewards are all equal.
-  c.rl.checkpoint_every = 20
-  c.rl.eval_every = 50
+  c.loop.checkpoint_every = 20
+  c.loop.eval_every = 50
 
   c.eval.num_examples = 200
   c.eval.batch_size = 32

@@ -22,10 +22,36 @@ def model_fields(model_cfg: model_lib.ModelConfig) -> ml_collections.ConfigDict:
   return fields
 
 
+def loop(num_steps: int, log_every: int = 50, eval_every: int = 0,
+         checkpoint_every: int = 100, keep_checkpoints: int = 2) -> ml_collections.ConfigDict:
+  """The `loop` section, the same fields in every stage (o3lite.training.stage)."""
+  return ml_collections.ConfigDict({
+      "num_steps": num_steps,  # Iterations (optimizer steps; RL: sample-score-update steps).
+      "log_every": log_every,  # Iterations between console lines.
+      "eval_every": eval_every,  # Iterations between held-out evaluations (0 = at the end only).
+      "checkpoint_every": checkpoint_every,  # Iterations between checkpoints.
+      "keep_checkpoints": keep_checkpoints,  # How many recent checkpoints to keep.
+      "async_checkpointing": True,  # Save in the background while training goes on.
+      "max_nonfinite_in_a_row": 10,  # Skipped (NaN / inf) iterations in a row that stop the run.
+  })
+
+
+def nested(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An SFT config's own sections, as a nested stage of a bigger run (RL's `warm_start`,
+  the verifier run's `policy`): it shares the run's seed, model, data, mesh and eval."""
+  plain = c.to_dict()
+  return ml_collections.ConfigDict({name: plain[name] for name in
+                                    ("method", "init_from", "sft", "loop", "optimizer")})
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "sft"  # Which trainer runs this config.
+  c.method = "sft"  # The stage that runs this config (o3lite.training.stage.STAGES).
   c.seed = 0  # Seeds parameter init and the training RNG.
+  # Where the policy starts: an o3lite run folder (its latest checkpoint) or a local
+  # Hugging Face Llama / Qwen2 folder (its shape replaces the `model` section, whose dtype
+  # and remat still apply; its tokenizer replaces data.tokenizer). "" = random init.
+  c.init_from = ""
 
   # Model hyperparameters: fields of o3lite.model.transformer.ModelConfig (tiny: ~0.1M parameters).
   # vocab_size, num_layers, embed_dim, num_heads, num_kv_heads, head_dim, mlp_dim,
@@ -53,22 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 128  # Tokens per packed training row.
   c.data.pack = True  # Pack several examples per row (else one example per row).
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # Rows per step (global, across all devices).
-  c.train.grad_accum_steps = 1  # Microbatches per step (batch_size must divide).
-  c.train.num_steps = 800  # Optimizer steps.
-  c.train.log_every = 50  # Steps between metric lines.
-  c.train.eval_every = 400  # Steps between held-out evaluations (0 = only at the end).
-  c.train.checkpoint_every = 200  # Steps between checkpoints.
-  c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
-  c.train.async_checkpointing = True  # Save in the background while training goes on.
-  c.train.max_nonfinite_in_a_row = 10  # Skipped (NaN / inf) steps in a row that stop the run.
-  # Run folder (or its checkpoints/) of an earlier run to start from ("" = init).
-  c.train.init_from = ""
-  # Local Hugging Face Llama / Qwen2 folder (config.json + safetensors) to start from: its
-  # shape replaces the `model` section (whose dtype and remat still apply) and its
-  # tokenizer is used unless data.tokenizer is set. "" = random init.
-  c.train.init_from_hf = ""
+  c.sft = ml_collections.ConfigDict()
+  c.sft.batch_size = 32  # Rows per step (global, across all devices).
+  c.sft.grad_accum_steps = 1  # Microbatches per step (batch_size must divide).
+
+  c.loop = loop(num_steps=800, log_every=50, eval_every=400, checkpoint_every=200,
+                keep_checkpoints=3)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3  # Peak learning rate.

@@ -16,8 +16,8 @@ def get_config():
   c.data.vocab_size = 2048
   c.data.seq_len = 512
   c.model = sft.model_fields(model_lib.ModelConfig.small())
-  c.train.batch_size = 16
-  c.train.num_steps = 2000
+  c.sft.batch_size = 16
+  c.loop.num_steps = 2000
   c.eval.num_examples = 200
   c.eval.batch_size = 50
   c.eval.max_new_tokens = 256

@@ -7,6 +7,6 @@ def get_config():
   c = sft.get_config()
   c.data.task = "multiplication"
   c.data.task_kwargs = {"digits": 2, "multiplier_digits": 2}  # Digits of each operand.
-  c.train.num_steps = 3000  # Longer chains need more steps.
+  c.loop.num_steps = 3000  # Longer chains need more steps.
   c.eval.max_new_tokens = 96
   return c

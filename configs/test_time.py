@@ -2,7 +2,7 @@
 
   python -m o3lite.evaluate --config=configs/test_time.py --workdir=DIR [--config.a=value]
 
-With `policy`, `prm` and `orm` empty, the verifier issue's defaults are made first
+With `init_from` (the policy), `prm` and `orm` empty, the verifier issue's defaults are made first
 (configs/prm.py's pipeline in DIR/prm: the policy, its labelled solutions, a PRM;
 configs/orm.py's ORM on the same policy and labels in DIR/orm). Then each entry of
 `strategies` runs at each of its budgets on the same held-out problems. Writes
@@ -25,8 +25,8 @@ def entry(strategy, verifier, budgets, sampling=None, **options):
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "test_time"
-  c.policy = ""  # Policy run folder; "" = the PRM pipeline's policy (DIR/prm/policy).
+  c.method = "test_time"  # The stage that runs this config (no training of its own).
+  c.init_from = ""  # Policy run folder; "" = the PRM pipeline's policy (DIR/prm/policy).
   c.prm = ""  # PRM run folder (configs/prm.py); "" = made in DIR/prm.
   c.orm = ""  # ORM run folder (configs/orm.py); "" = made in DIR/orm.
   c.prm_pipeline = prm.get_config()  # How DIR/prm is made when `prm` is empty.

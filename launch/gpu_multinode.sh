@@ -21,7 +21,7 @@
 # Under SLURM (`srun --nodes=N --ntasks-per-node=1 launch/gpu_multinode.sh ...`) the
 # defaults come from SLURM_NTASKS, SLURM_PROCID and the first host of the allocation
 # (port 12345 unless COORDINATOR_PORT is set).
-# Everything after `--` is passed to o3lite.train, e.g. -- --config.train.num_steps=5000
+# Everything after `--` is passed to o3lite.train, e.g. -- --config.loop.num_steps=5000
 # The interpreter is $PYTHON (default python3). tests/test_multiprocess.py runs this
 # script as two CPU processes on one machine.
 #

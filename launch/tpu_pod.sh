@@ -19,7 +19,7 @@
 #   --remote_dir=DIR   checkout on the workers (default ~/o3lite)         [REMOTE_DIR]
 #   --no_setup         skip copy and install (code already there)         [SKIP_SETUP=1]
 #   -h, --help         this text
-# Everything after `--` is passed to o3lite.train, e.g. -- --config.train.num_steps=5000
+# Everything after `--` is passed to o3lite.train, e.g. -- --config.loop.num_steps=5000
 #
 # WORKDIR must be one path that every worker can write: checkpoints are written by all
 # processes together and read back by all. See launch/README.md for what works today.
@@ -27,7 +27,7 @@
 #
 # Example:
 #   launch/tpu_pod.sh --name=my-v4-32 --zone=us-central2-b \
-#       --workdir=/mnt/shared/runs/sft1 -- --config.train.num_steps=5000
+#       --workdir=/mnt/shared/runs/sft1 -- --config.loop.num_steps=5000
 
 set -euo pipefail
 

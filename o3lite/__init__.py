@@ -19,9 +19,10 @@ before it (tests/test_layout.py checks every import):
   search       test-time search: strategies (majority, weighted majority, best-of-N) that
                sample with the sampler and score with a verifier, and their compute
   rl           RL maths, rewards, the learner (its loss and scoring), the RL run
+  stages       every stage registered with the harness (training/stage.py)
   train.py, evaluate.py, export.py   the entry points (thin: flags -> library)
 """
 
 # The layers above, lowest first; tests/test_layout.py reads this.
 LAYERS = ("errors", "registry", "model", "parallel", "data", "interop", "sampling", "evaluation",
-          "training", "verifiers", "search", "rl", "train", "evaluate", "export")
+          "training", "verifiers", "search", "rl", "stages", "train", "evaluate", "export")

@@ -41,11 +41,12 @@ _MESH = flags.DEFINE_list("mesh_shape", None, "Mesh shape to evaluate on, e.g. -
                           "(default: the run's own, which must fit the devices here).")
 
 
-def _sweep(config) -> None:
+def _run_stage(config) -> None:
+  """A config file given: run its stage (the test-time sweep, or any registered one)."""
   from o3lite import errors  # pylint: disable=g-import-not-at-top
-  from o3lite.search import sweep  # pylint: disable=g-import-not-at-top
+  from o3lite import stages  # pylint: disable=g-import-not-at-top
   try:
-    sweep.run_sweep(config, _WORKDIR.value)
+    stages.run(config, _WORKDIR.value)
   except errors.O3liteError as e:
     errors.exit_with(e)
 
@@ -54,7 +55,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is not None:
-    return _sweep(_CONFIG.value)
+    return _run_stage(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
   from o3lite import errors  # pylint: disable=g-import-not-at-top
   from o3lite.evaluation import heldout as evaluation  # pylint: disable=g-import-not-at-top

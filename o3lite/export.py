@@ -36,6 +36,8 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
 
   if not os.path.isdir(workdir):
     raise errors.RunFolderError(f"run folder not found: {workdir}")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise errors.ConfigError(f"{out_dir} exists and is not a folder; give --out a folder")
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise errors.ConfigError(f"{out_dir} is not empty; pass --overwrite to write into it")
   cfg = run_folder.load_model_config(workdir)
@@ -53,7 +55,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
   if not _WORKDIR.value or not _OUT.value:
-    errors.exit_with(ValueError("--workdir and --out are required"))
+    errors.exit_with(errors.ConfigError("--workdir and --out are required"))
   try:
     step = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
   except errors.O3liteError as e:

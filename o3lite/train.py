@@ -39,9 +39,9 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
 
 def _default_workdir(config) -> str:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  name = {"sft": f"sft-{config.data.task}",
+  name = {"sft": f"sft-{config.data.task}" if "data" in config else "sft",
           "verifier": config.get("verifier", {}).get("kind", "verifier")}.get(
-              config.method, config.method)
+              config.get("method"), config.get("method", "run"))
   return os.path.join("runs", f"{name}-{stamp}")
 
 
@@ -55,10 +55,7 @@ def main(argv):
   from o3lite.parallel import multiprocess as distributed
   distributed.maybe_initialize(_MULTIPROCESS.value, _COORDINATOR.value,
                                _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from o3lite.rl import run as rl_run
-  from o3lite.training import sft
-  from o3lite.verifiers import filtering
-  from o3lite.verifiers import run as verifier_run
+  from o3lite import stages  # Registers every stage.
 
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # The file did not load.
@@ -68,12 +65,8 @@ def main(argv):
     sys.exit(1)
   workdir = _WORKDIR.value or _default_workdir(config)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  runners = {"sft": sft.run_sft, "rl": rl_run.run_rl, "verifier": verifier_run.run_verifier,
-             "filtered_sft": filtering.run_filtered_sft}
-  if config.method not in runners:
-    errors.exit_with(f"config.method={config.method!r}: expected one of {sorted(runners)}")
   try:
-    runners[config.method](config, workdir)
+    stages.run(config, workdir)
   except errors.O3liteError as e:
     errors.exit_with(e)
 

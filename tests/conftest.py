@@ -13,20 +13,18 @@ import pytest  # noqa: E402
 def tiny_run(tmp_path_factory):
   """The workdir of a tiny SFT run (4 steps of the default task), shared by tests."""
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
-  from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
+  from o3lite import stages  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp("tiny_run")
   config = sft_config.get_config()
   overrides = {"data.data_dir": str(root / "data"), "data.num_train": 2000,
-               "data.num_validation": 20, "data.num_test": 20, "train.num_steps": 4,
-               "train.log_every": 2, "train.eval_every": 0, "train.batch_size": 8,
+               "data.num_validation": 20, "data.num_test": 20, "loop.num_steps": 4,
+               "loop.log_every": 2, "loop.eval_every": 0, "sft.batch_size": 8,
                "data.seq_len": 64, "eval.num_examples": 4, "eval.batch_size": 4,
                "eval.max_new_tokens": 8}
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
+  set_fields(config, overrides)
   workdir = str(root / "workdir")
-  trainer.run_sft(config, workdir)
+  stages.run(config, workdir)
   return workdir
 
 
@@ -116,14 +114,14 @@ def data_of(run_dir):
 def tiny_prm(tiny_run, tmp_path_factory):
   """A PRM run folder on the tiny SFT run's solutions (exact labels, 4 training steps)."""
   from configs import prm as prm_config  # pylint: disable=g-import-not-at-top
-  from o3lite.verifiers import run as verifier_run  # pylint: disable=g-import-not-at-top
+  from o3lite import stages  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path_factory.mktemp("tiny_prm") / "prm")
   config = set_fields(prm_config.get_config(), {
-      **data_of(tiny_run), "verifier.policy": tiny_run, "verifier.labeller": "exact",
+      **data_of(tiny_run), "init_from": tiny_run, "verifier.labeller": "exact",
       "verifier.num_problems": 16, "verifier.eval_problems": 8,
       "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
-      "verifier.max_new_tokens": 24, "verifier.num_steps": 4, "verifier.batch_size": 8,
-      "verifier.checkpoint_every": 4, "verifier.eval_batch_size": 8})
-  verifier_run.run_verifier(config, workdir)
+      "verifier.max_new_tokens": 24, "loop.num_steps": 4, "verifier.batch_size": 8,
+      "loop.checkpoint_every": 4, "verifier.eval_batch_size": 8})
+  stages.run(config, workdir)
   return workdir

@@ -33,7 +33,7 @@ def test_config_builds(name):
     return
   model_cfg = trainer.model_config_from(config.model, vocab_size=100)
   assert isinstance(model_cfg, model_lib.ModelConfig)
-  assert config.train.batch_size % config.train.grad_accum_steps == 0
+  assert config.sft.batch_size % config.sft.grad_accum_steps == 0
   assert config.eval.split in ("train", "validation", "test")
   assert len(config.mesh.axes) == len(config.mesh.shape)
   if config.method == "rl":  # The algorithm section is valid and the batch splits.
@@ -54,7 +54,7 @@ def test_config_builds(name):
   with pytest.raises(AttributeError):
     config.train.num_stepz = 3  # A typo is an error, not a new key.
   with pytest.raises(TypeError):
-    config.train.num_steps = "many"
+    config.loop.num_steps = "many"
 
 
 def test_answer_only_differs_from_sft_only_in_the_chain():

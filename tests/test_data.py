@@ -193,6 +193,21 @@ def test_jsonl_malformed_line(tmp_path, bad_line, reason):
   assert "\n" not in message
 
 
+@pytest.mark.parametrize("before", [3, 400])
+def test_jsonl_not_utf8_is_a_one_line_error(tmp_path, before):
+  """The file and the line, also where the bad bytes lie past the text reader's first
+  chunk (8 KiB), which decodes a chunk at a time."""
+  lines = [json.dumps(r).encode() for r in _records(before)]
+  assert before < 10 or len(b"\n".join(lines)) > 8192
+  lines += [b'{"question": "q\xff\xfe?", "answer": "1"}', b"{}"]
+  (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  cfg = _data_cfg(tmp_path / "tfds", source="jsonl", path=str(tmp_path))
+  with pytest.raises(errors.DataError) as error:
+    sources.load_examples(cfg, "train")
+  assert str(error.value) == (f"{tmp_path / 'train.jsonl'}:{before + 1}: "
+                              "not valid UTF-8 (byte 0xff)")
+
+
 def test_jsonl_metadata_reaches_a_reward_function(tmp_path):
   """A line's keys other than question / answer / cot come back as the example's
   own keys, JSON values intact, and a reward function reads them."""

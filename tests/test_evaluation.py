@@ -105,7 +105,7 @@ def test_evaluate_cli(tiny_run):
   assert "pass@2" in result.stdout and "wrote" in result.stdout
   # The training run's own eval.json came from the same code.
   with open(os.path.join(tiny_run, "eval.json")) as f:
-    assert {"accuracy", "parsed_fraction", "mean_thinking_tokens"} <= set(json.load(f))
+    assert {"accuracy", "parsed_fraction", "mean_thinking_tokens"} <= set(json.load(f)["metrics"])
 
 
 def test_evaluate_cli_on_a_missing_run(tmp_path):

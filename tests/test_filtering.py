@@ -25,7 +25,7 @@ def test_keep_by_threshold_or_best_k_per_question():
 def _config(tiny_run, tiny_prm, **extra):
   return set_fields(sft_filtered.get_config(), {
       **data_of(tiny_run), "data.cot_slip_rate": 0.6, "filter.verifier": tiny_prm,
-      "train.num_steps": 2, "train.batch_size": 8, "train.checkpoint_every": 2,
+      "loop.num_steps": 2, "sft.batch_size": 8, "loop.checkpoint_every": 2,
       "data.seq_len": 64, "eval.num_examples": 4, "eval.batch_size": 4,
       "eval.max_new_tokens": 8, **extra})
 

@@ -281,6 +281,17 @@ def test_export_run_errors(trained_run, tmp_path):
     export_lib.export_run(str(empty), str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_to_a_file_is_refused_before_loading(tmp_path, overwrite):
+  """--out naming a file is a ConfigError, checked before the run folder is read (this
+  one has no model config or checkpoint), and the file is left as it was."""
+  out = tmp_path / "model.safetensors"
+  out.write_bytes(b"keep me")
+  with pytest.raises(errors.ConfigError, match=r"model.safetensors exists and is not a folder"):
+    export_lib.export_run(str(tmp_path), str(out), overwrite=overwrite)
+  assert out.read_bytes() == b"keep me"
+
+
 @pytest.mark.parametrize("vocab_size", [48, 400])  # Without and with byte fallback.
 def test_sentencepiece_tokenizer_export(vocab_size, tmp_path):
   texts = _task_texts(200, seed=1)
@@ -433,9 +444,9 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
       if key not in ("tokenizer", "task_kwargs"):
         config[section][key] = value
   config.train.init_from_hf = out
-  config.train.num_steps = 2
-  config.train.batch_size = 8
-  config.train.eval_every = 0
+  config.loop.num_steps = 2
+  config.sft.batch_size = 8
+  config.loop.eval_every = 0
   config.optimizer.learning_rate = 0.0  # The parameters stay the imported ones.
   config.mesh.shape = (4, 2, 1)  # The tiny vocabulary (33) does not split over tensor.
   workdir = str(tmp_path / "run")

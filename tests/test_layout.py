@@ -56,6 +56,34 @@ def test_lower_layers_never_import_higher_ones():
   assert found > 50  # The walk really saw the package's imports.
 
 
+# Top-level folders beside the package that the library must never import: configs are
+# read by the entry points (config_flags), benchmarks import the library, not the reverse.
+OUTSIDE = ("configs", "bench")
+
+
+def _outside_imports(source: str) -> list[str]:
+  """The `configs` / `bench` modules a source imports, at any depth in its tree."""
+  names = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names.append(node.module)
+  return [n for n in names if n.split(".")[0] in OUTSIDE]
+
+
+def test_the_package_never_imports_configs_or_bench():
+  assert _outside_imports("import configs.rl\nfrom bench import common\n"
+                          "def f():\n  from configs import rl\n  import bench.common\n"
+                          "import benchmarks, configsx\nfrom o3lite import configs\n") == [
+                              "configs.rl", "bench", "configs", "bench.common"]
+  paths = sorted(ROOT.rglob("*.py"))
+  assert len(paths) > 50
+  for path in paths:
+    found = _outside_imports(path.read_text())
+    assert not found, f"{path.relative_to(ROOT)} imports {found}"
+
+
 def test_a_registry_names_what_it_holds():
   from o3lite import errors  # pylint: disable=g-import-not-at-top
   from o3lite.registry import Registry  # pylint: disable=g-import-not-at-top

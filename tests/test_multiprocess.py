@@ -105,8 +105,8 @@ def test_two_processes_train_like_one(tmp_path):
 # A tiny run of configs/sft.py: small splits, 4 steps, 8 evaluation problems.
 TINY_RUN = {
     "data.num_train": 2000, "data.num_validation": 50, "data.num_test": 50,
-    "train.num_steps": 4, "train.log_every": 2, "train.eval_every": 0,
-    "train.checkpoint_every": 2, "eval.num_examples": 8, "eval.batch_size": 8,
+    "loop.num_steps": 4, "loop.log_every": 2, "loop.eval_every": 0,
+    "loop.checkpoint_every": 2, "eval.num_examples": 8, "eval.batch_size": 8,
     "eval.max_new_tokens": 16,
 }
 

@@ -74,9 +74,9 @@ def test_a_verifier_must_read_the_policys_tokens():
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path, advantage):
   config = _set(rl_config.get_config(), {
-      **_data_of(tiny_run), "rl.sft_init": tiny_run, "rl.num_steps": 2,
+      **_data_of(tiny_run), "init_from": tiny_run, "loop.num_steps": 2,
       "rl.prompts_per_step": 8, "rl.group_size": 4, "rl.minibatch_size": 16,
-      "rl.max_new_tokens": 24, "rl.log_every": 1, "rl.checkpoint_every": 2,
+      "rl.max_new_tokens": 24, "loop.log_every": 1, "loop.checkpoint_every": 2,
       "rl.advantage": advantage, "rl.process_reward.verifier": tiny_prm,
       "rl.process_reward.mode": "difference", "rl.rewards.correctness": 0.0,
       "eval.num_examples": 8, "eval.batch_size": 8, "eval.max_new_tokens": 24,
@@ -97,7 +97,7 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
 
 
 def test_process_reward_config_errors(tiny_run, tiny_prm):
-  base = {**_data_of(tiny_run), "rl.sft_init": tiny_run}
+  base = {**_data_of(tiny_run), "init_from": tiny_run}
   with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
     rl_trainer.validate(_set(rl_config.get_config(),
                              {**base, "rl.process_reward.verifier": tiny_run}))

@@ -158,9 +158,9 @@ def _config_like(run_dir, **overrides):
   for key, value in original["data"].items():
     if key not in ("tokenizer", "task_kwargs"):
       config.data[key] = value
-  small = {"rl.sft_init": run_dir, "rl.num_steps": 2, "rl.prompts_per_step": 8,
+  small = {"init_from": run_dir, "loop.num_steps": 2, "rl.prompts_per_step": 8,
            "rl.group_size": 4, "rl.minibatch_size": 16, "rl.max_new_tokens": 24,
-           "rl.log_every": 1, "rl.checkpoint_every": 2, "eval.num_examples": 8,
+           "loop.log_every": 1, "loop.checkpoint_every": 2, "eval.num_examples": 8,
            "eval.batch_size": 8, "eval.max_new_tokens": 24, "eval.num_samples": 2}
   for key, value in {**small, **overrides}.items():
     section, name = key.split(".")
@@ -310,10 +310,10 @@ def _cli(workdir, tiny_run, steps):
           f"--workdir={workdir}"]
   flat = {"data.data_dir": config.data.data_dir, "data.num_train": config.data.num_train,
           "data.num_validation": config.data.num_validation,
-          "data.num_test": config.data.num_test, "rl.sft_init": tiny_run,
-          "rl.num_steps": steps, "rl.prompts_per_step": 8, "rl.group_size": 4,
-          "rl.minibatch_size": 16, "rl.max_new_tokens": 24, "rl.checkpoint_every": 2,
-          "rl.keep_checkpoints": 10, "eval.num_examples": 4, "eval.batch_size": 4,
+          "data.num_test": config.data.num_test, "init_from": tiny_run,
+          "loop.num_steps": steps, "rl.prompts_per_step": 8, "rl.group_size": 4,
+          "rl.minibatch_size": 16, "rl.max_new_tokens": 24, "loop.checkpoint_every": 2,
+          "loop.keep_checkpoints": 10, "eval.num_examples": 4, "eval.batch_size": 4,
           "eval.max_new_tokens": 8, "eval.num_samples": 0}
   return args + [f"--config.{k}={v}" for k, v in flat.items()]
 
@@ -358,14 +358,14 @@ def test_bad_rl_configs(tiny_run, tmp_path):
   # The whole config is checked before the SFT warm start runs.
   with pytest.raises(errors.ConfigError, match="rl.minibatch_size=12 does not divide"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.minibatch_size": 12,
-                                                "rl.sft_init": ""}), str(tmp_path / "b2"))
+                                                "init_from": ""}), str(tmp_path / "b2"))
   assert not os.path.exists(tmp_path / "b2" / "sft")
   with pytest.raises(errors.ConfigError, match="kl_in_reward=True with advantage='grpo'"):
     rl_trainer.run_rl(_config_like(tiny_run, **{"rl.advantage": "grpo", "rl.kl_coef": 0.1,
                                                 "rl.kl_in_reward": True}),
                       str(tmp_path / "b3"))
   with pytest.raises(errors.O3liteError, match="not an o3lite run folder"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.sft_init": str(tmp_path)}),
+    rl_trainer.run_rl(_config_like(tiny_run, **{"init_from": str(tmp_path)}),
                       str(tmp_path / "c"))
   assert alg.RLAlgoConfig(advantage="rloo", group_size=2).uses_critic is False
 
@@ -376,8 +376,8 @@ def test_rl_from_a_hugging_face_folder(tiny_run, tmp_path):
   from o3lite import export as export_lib  # pylint: disable=g-import-not-at-top
   hf_dir = str(tmp_path / "hf")
   export_lib.export_run(tiny_run, hf_dir)
-  config = _config_like(tiny_run, **{"rl.sft_init": "", "rl.init_from_hf": hf_dir,
-                                     "rl.num_steps": 1, "eval.num_samples": 0})
+  config = _config_like(tiny_run, **{"init_from": "", "rl.init_from_hf": hf_dir,
+                                     "loop.num_steps": 1, "eval.num_samples": 0})
   workdir = str(tmp_path / "run")
   result = rl_trainer.run_rl(config, workdir)
   with open(os.path.join(tiny_run, "eval.json")) as f:

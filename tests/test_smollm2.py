@@ -156,8 +156,8 @@ def test_sft_steps_from_the_folder(smollm2, tmp_path):
   workdir = str(tmp_path / "run")
   overrides = {"train.init_from_hf": smollm2.dir, "data.data_dir": str(tmp_path / "data"),
                "data.num_train": 64, "data.num_validation": 4, "data.num_test": 4,
-               "data.seq_len": 48, "train.num_steps": 2, "train.batch_size": 2,
-               "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 2,
+               "data.seq_len": 48, "loop.num_steps": 2, "sft.batch_size": 2,
+               "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 2,
                "optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-4,
                "eval.num_examples": 2, "eval.batch_size": 2, "eval.max_new_tokens": 4}
   result = subprocess.run(

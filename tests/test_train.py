@@ -30,9 +30,9 @@ def data_dir(tmp_path_factory):
 def _small_overrides(data_dir, steps):
   return {
       "data.data_dir": data_dir, "data.num_train": 2000, "data.num_validation": 50,
-      "data.num_test": 50, "train.num_steps": steps, "train.log_every": 10,
-      "train.eval_every": 0, "eval.num_examples": 16, "eval.batch_size": 16,
-      "train.batch_size": 8, "data.seq_len": 64,
+      "data.num_test": 50, "loop.num_steps": steps, "loop.log_every": 10,
+      "loop.eval_every": 0, "eval.num_examples": 16, "eval.batch_size": 16,
+      "sft.batch_size": 8, "data.seq_len": 64,
   }
 
 
@@ -60,7 +60,7 @@ def _env():
 
 def test_sft_run_writes_every_output(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  metrics = trainer.run_sft(_config(data_dir, 20, **{"train.checkpoint_every": 10}), workdir).metrics
+  metrics = trainer.run_sft(_config(data_dir, 20, **{"loop.checkpoint_every": 10}), workdir).metrics
   assert metrics["split"] == "test" and metrics["num_examples"] == 16
   with open(os.path.join(workdir, "eval.json")) as f:
     on_disk = json.load(f)
@@ -95,7 +95,7 @@ def _final_params(workdir, data_dir, steps):
 def test_sigkill_then_restart_ends_like_an_uninterrupted_run(tmp_path, data_dir):
   steps = 240
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  every = ["--config.train.checkpoint_every=60"]
+  every = ["--config.loop.checkpoint_every=60"]
   subprocess.run(_cli(straight, data_dir, steps, *every), check=True, cwd=REPO, env=_env(),
                  capture_output=True, timeout=600)
 
@@ -141,8 +141,8 @@ def test_impossible_mesh_is_a_one_line_error(tmp_path, data_dir):
 
 
 def test_wrong_type_is_an_error(tmp_path, data_dir):
-  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.train.num_steps=many")
-  assert err.strip().startswith("o3lite: config error: flag --config.train.num_steps=many")
+  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.loop.num_steps=many")
+  assert err.strip().startswith("o3lite: config error: flag --config.loop.num_steps=many")
   assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -170,7 +170,7 @@ def test_missing_init_checkpoint_is_an_error(tmp_path, data_dir):
 
 def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 10, **{"train.checkpoint_every": 5}), workdir)
+  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   for path in glob.glob(os.path.join(ckpt_dir, "10", "state", "**", "*"), recursive=True):
     if os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -180,7 +180,7 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   snapshot = str(tmp_path / "snapshot")
   shutil.copytree(ckpt_dir, snapshot)
   with pytest.raises(errors.CheckpointError, match="corrupt"):
-    trainer.run_sft(_config(data_dir, 20, **{"train.checkpoint_every": 5}), workdir)
+    trainer.run_sft(_config(data_dir, 20, **{"loop.checkpoint_every": 5}), workdir)
   assert sorted(os.listdir(ckpt_dir)) == before
   for path in glob.glob(os.path.join(snapshot, "**", "*"), recursive=True):
     if os.path.isfile(path):
@@ -191,7 +191,7 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
 
 def test_interrupted_save_does_not_block_restore(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 10, **{"train.checkpoint_every": 5}), workdir)
+  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # What a save killed half way leaves: a temporary folder that was never committed.
   partial = os.path.join(ckpt_dir, "15.orbax-checkpoint-tmp-1234")
@@ -199,7 +199,7 @@ def test_interrupted_save_does_not_block_restore(tmp_path, data_dir):
   with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
     f.write("{")
   assert checkpoint_lib.Checkpointer(ckpt_dir, 5, 3).latest_step() == 10
-  metrics = trainer.run_sft(_config(data_dir, 15, **{"train.checkpoint_every": 5}), workdir).metrics
+  metrics = trainer.run_sft(_config(data_dir, 15, **{"loop.checkpoint_every": 5}), workdir).metrics
   assert metrics["step"] == 15
 
 
@@ -301,7 +301,7 @@ def test_nan_learning_rate_is_a_one_line_error(tmp_path, data_dir):
 
 def test_rerun_with_another_model_shape_is_refused_and_the_run_is_kept(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 5, **{"train.checkpoint_every": 5}), workdir)
+  trainer.run_sft(_config(data_dir, 5, **{"loop.checkpoint_every": 5}), workdir)
   saved = {name: open(os.path.join(workdir, name), "rb").read()
            for name in ("config.json", "model_config.json")}
   steps = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 5, 3).all_steps()
@@ -317,7 +317,7 @@ def test_rerun_with_another_model_shape_is_refused_and_the_run_is_kept(tmp_path,
   run, params = trainer.load_run(workdir)  # The run still evaluates.
   assert run.model_cfg.embed_dim == 64 and jax.tree.leaves(params)
   # A longer run with the same model and data resumes.
-  trainer.run_sft(_config(data_dir, 10, **{"train.checkpoint_every": 5}), workdir)
+  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
 
 
 def test_what_a_new_user_tries(tmp_path, data_dir):

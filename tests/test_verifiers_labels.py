@@ -238,6 +238,17 @@ def test_a_bad_labelled_line_is_a_one_line_error(tmp_path, change, message):
   assert raised.match(message)
 
 
+def test_labelled_file_not_utf8_is_a_one_line_error(tmp_path):
+  path = tmp_path / "labels.jsonl"
+  good = json.dumps(_good()).encode()
+  path.write_bytes(good + b"\r\n\r\n" + good[:20] + b"\xff\xfe" + good[20:] + b"\n")
+  with pytest.raises(errors.DataError) as raised:
+    label_files.read_labelled(str(path))
+  assert str(raised.value) == f"{path}:3: not valid UTF-8 (byte 0xff)"
+  path.write_bytes(good + b"\r\n\r\n" + good + b"\r")  # CRLF and CR read as text mode does.
+  assert len(label_files.read_labelled(str(path))) == 2
+
+
 def test_empty_missing_and_unwritable_records(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")

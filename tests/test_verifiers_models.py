@@ -179,8 +179,8 @@ def _verifier_config(data_dir, **overrides):
   from configs import prm
   c = prm.get_config()
   values = {"data.data_dir": data_dir, "data.num_train": 400, "data.num_validation": 20,
-            "data.num_test": 40, "train.num_steps": 20, "train.batch_size": 16,
-            "train.checkpoint_every": 20, "eval.num_examples": 8, "eval.batch_size": 8,
+            "data.num_test": 40, "loop.num_steps": 20, "sft.batch_size": 16,
+            "loop.checkpoint_every": 20, "eval.num_examples": 8, "eval.batch_size": 8,
             "verifier.num_problems": 12, "verifier.eval_problems": 8,
             "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
             "verifier.monte_carlo.k": 2, "verifier.monte_carlo.batch_size": 8,

@@ -171,25 +171,41 @@ def read_jsonl(path: str,
       short reason when the object is malformed.
 
   Raises:
-    ValueError: "path:line: reason" for the first malformed line.
+    DataError: "path:line: reason" for the first malformed line (or for the first
+      line that is not valid UTF-8).
   """
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
         try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise errors.DataError(f"invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-          raise errors.DataError(
-              f"expected a JSON object, got {type(record).__name__}")
-        examples.append(parse(record))
-      except errors.DataError as e:
-        raise errors.DataError(f"{path}:{line_number}: {e}") from None
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise errors.DataError(f"invalid JSON ({e.msg})") from None
+          if not isinstance(record, dict):
+            raise errors.DataError(
+                f"expected a JSON object, got {type(record).__name__}")
+          examples.append(parse(record))
+        except errors.DataError as e:
+          raise errors.DataError(f"{path}:{line_number}: {e}") from None
+  except UnicodeDecodeError:  # Decoded a chunk at a time: find the line in the bytes.
+    raise _not_utf8(path) from None
   return examples
+
+
+def _not_utf8(path: str) -> errors.DataError:
+  """The error for a file that is not valid UTF-8, naming its first bad line and byte."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    return errors.DataError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x})")
+  return errors.DataError(f"{path}: not valid UTF-8")
 
 
 def _get_str(record: Mapping[str, Any], key: str, required: bool = True) -> str:

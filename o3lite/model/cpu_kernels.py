@@ -16,6 +16,11 @@ the same values come from forms XLA:CPU runs faster (bench/train_speed.py, READM
 * RoPE tables written out once (`optimization_barrier`): left to fusion, XLA:CPU
   recomputed the sines in every consumer, per head;
 * causal self-attention in 4 (or 2) query blocks, block i reading key blocks 0..i only.
+  Only with the model's own causal mask: a mask given by the caller
+  (`Transformer(...)(..., mask_BxTxS=...)`, e.g. thoughts that see their own prefix
+  only) may let a query see later keys, and nothing at trace time proves it does not,
+  so `causal_blocks` then answers one block over all keys (and so does the cached path,
+  whose keys are the cache's slots).
 
 tests/test_model.py checks that both paths give the same values and gradients.
 """
@@ -177,11 +182,12 @@ def apply_rope(x_BxTxNxH, sin_BxTx1xH, cos_BxTx1xH, mode: str):
   return (x * cos_BxTx1xH + rotated * sin_BxTx1xH).astype(x_BxTxNxH.dtype)
 
 
-def causal_blocks(length: int, mode: str) -> int:
-  """Query blocks for a causal self-attention of `length`: on XLA:CPU 4 (or 2) blocks of
-  at least 32 tokens (block i reads key blocks 0..i only, skipping 3/8 of the score
-  matrix, all masked); 1 otherwise."""
-  if not active(mode):
+def causal_blocks(length: int, mode: str, custom_mask: bool = False) -> int:
+  """Query blocks for a self-attention of `length` under the model's default causal mask:
+  on XLA:CPU 4 (or 2) blocks of at least 32 tokens (block i reads key blocks 0..i only,
+  skipping 3/8 of the score matrix, all masked); 1 otherwise, and 1 for a `custom_mask`
+  (the caller's own, not known to be causal: every query block reads every key)."""
+  if custom_mask or not active(mode):
     return 1
   for blocks in (4, 2):
     if length % blocks == 0 and length // blocks >= 32:

@@ -16,9 +16,11 @@ The KV cache is an explicit pytree passed in and returned (never module state):
   }
 
 One attention path serves training (no cache: keys are the T input tokens, with packing
-segments) and cached prefill / decode (keys are the S cache slots). A query at slot q may
-attend to key slot s iff s <= q and both carry the same non-zero segment id. Positions are
-given by the caller, so right-padded prompts of different lengths keep correct positions.
+segments) and cached prefill / decode (keys are the S cache slots). By default a query at
+slot q may attend to key slot s iff s <= q and both carry the same non-zero segment id
+(`default_mask`); a caller may pass its own mask [B, T, S] instead (e.g. Quiet-STaR's
+thoughts, which see their own prefix only), and the model assumes nothing of it. Positions
+are given by the caller, so right-padded prompts of different lengths keep correct positions.
 Each row writes its T new tokens at its own `end_index` and advances it by the number of
 them with a non-zero segment id (right-padded input: its real tokens), so the rows of one
 batch can be at different lengths: a sampler appends ragged continuations, forks rows, and
@@ -152,6 +154,29 @@ def write_rows(cache_Bx___, new_Bx___, start_B, axis: int = 0):
   return jax.vmap(one_row)(cache_Bx___, new_Bx___, start_B)
 
 
+def _slots(segment_ids_BxT, cache, fresh_cache):
+  """(q_slot_BxT, k_segment_BxS): each query's key slot and each key slot's segment id;
+  keys are the inputs without a cache or with `fresh_cache`, else the cache's slots."""
+  B, T = segment_ids_BxT.shape
+  if cache is None or fresh_cache:
+    return jnp.broadcast_to(jnp.arange(T)[None], (B, T)), segment_ids_BxT
+  end_B = cache["end_index"]
+  q_slot_BxT = end_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+  return q_slot_BxT, write_rows(cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), end_B)
+
+
+def default_mask(segment_ids_BxT, cache=None, fresh_cache: bool = False):
+  """The attention mask the model builds when given none: bool [B, T, S], True where query
+  t may attend to key slot s, i.e. s <= t's slot and both carry the same non-zero segment
+  id. Same arguments as `Transformer.__call__`; S = T without a cache or with
+  `fresh_cache`, else the cache's length. Start from it to build a custom mask."""
+  q_slot_BxT, k_segment_BxS = _slots(segment_ids_BxT, cache, fresh_cache)
+  k_slot_S = jnp.arange(k_segment_BxS.shape[1])
+  return ((k_slot_S[None, None, :] <= q_slot_BxT[:, :, None])
+          & (k_segment_BxS[:, None, :] == segment_ids_BxT[:, :, None])
+          & (k_segment_BxS[:, None, :] != 0))
+
+
 def param(module, name, init, shape, axes):
   """An fp32 parameter with logical axis names (the one place sharding comes from)."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -232,10 +257,10 @@ def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, num_blocks: int = 1):
 class Attention(nn.Module):
   config: ModelConfig
   fresh_cache: bool = False  # See `Transformer.__call__`.
+  num_blocks: int = 1  # Query blocks of `attend`: > 1 only for the default causal mask.
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT,
-               k_segment_BxS, layer_cache):
+  def __call__(self, x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache):
     cfg = self.config
     D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -271,14 +296,8 @@ class Attention(nn.Module):
       v_BxKxSxH = write_rows(layer_cache["v"], v_BxKxTxH, start_B, axis=1)
       new_cache = {"k": k_BxKxSxH, "v": v_BxKxSxH}
 
-    S = k_BxKxSxH.shape[2]
-    k_slot_S = jnp.arange(S)
-    mask_BxTxS = ((k_slot_S[None, None, :] <= q_slot_BxT[:, :, None])
-                  & (k_segment_BxS[:, None, :] == q_segment_BxT[:, :, None])
-                  & (k_segment_BxS[:, None, :] != 0))
-    self_attention = layer_cache is None or self.fresh_cache  # Causal over the inputs.
     out_BxTxNxH = attend(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS,
-                         kernels.causal_blocks(S, k_) if self_attention else 1)
+                         self.num_blocks)
     out_BxTxD = kernels.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dt), k_)
     return out_BxTxD, new_cache
 
@@ -304,14 +323,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
   config: ModelConfig
   fresh_cache: bool = False
+  num_blocks: int = 1
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS,
-               layer_cache):
+  def __call__(self, x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache):
     cfg = self.config
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD)
-    h, new_cache = Attention(cfg, self.fresh_cache, name="attn")(
-        h, positions_BxT, q_segment_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
+    h, new_cache = Attention(cfg, self.fresh_cache, self.num_blocks, name="attn")(
+        h, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache)
     x_BxTxD = x_BxTxD + h
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(h)
@@ -328,14 +347,17 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None,
-               fresh_cache: bool = False, logits_index_B=None):
+               fresh_cache: bool = False, logits_index_B=None, mask_BxTxS=None):
     """With a cache, each row's T tokens go to slots [end_index, end_index + T) of its row
     (right-padded rows: padding carries segment id 0, is never attended, and the row's
     end index advances by its real tokens only, so later writes overwrite the padding).
     `fresh_cache=True` promises an empty `cache` (end index 0), as in a sampler's
     prefill: queries then attend over the T input tokens only (not all the cache's
     slots) and their keys are stored in slots [0, T). `logits_index_B` (int32 [B]) computes the
-    logits at that one position per row only: [B, 1, V] (a prefill needs no others)."""
+    logits at that one position per row only: [B, 1, V] (a prefill needs no others).
+    `mask_BxTxS` (bool [B, T, S], True = query t may attend to key slot s; S as in
+    `default_mask`) replaces the default causal / segment mask. Nothing proves a given
+    mask causal, so the XLA:CPU kernels then attend over all keys in one block."""
     cfg = self.config
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
@@ -344,23 +366,24 @@ class Transformer(nn.Module):
     x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "activation_embed"))
 
-    T = tokens_BxT.shape[1]
     if fresh_cache and cache is None:
       raise ValueError("fresh_cache=True needs a cache to fill")
-    if cache is None or fresh_cache:
-      q_slot_BxT = jnp.broadcast_to(jnp.arange(T)[None], tokens_BxT.shape)
-      k_segment_BxS = segment_ids_BxT
-    else:
-      end_B = cache["end_index"]
-      q_slot_BxT = end_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-      k_segment_BxS = write_rows(cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), end_B)
+    q_slot_BxT, k_segment_BxS = _slots(segment_ids_BxT, cache, fresh_cache)
+    custom_mask = mask_BxTxS is not None
+    if not custom_mask:
+      mask_BxTxS = default_mask(segment_ids_BxT, cache, fresh_cache)
+    B, T, S = *tokens_BxT.shape, k_segment_BxS.shape[1]
+    if mask_BxTxS.shape != (B, T, S):
+      raise ValueError(f"mask_BxTxS has shape {mask_BxTxS.shape}, expected {(B, T, S)}")
+    self_attention = cache is None or fresh_cache  # Keys are the T inputs.
+    num_blocks = kernels.causal_blocks(T, cfg.kernels, custom_mask) if self_attention else 1
 
     block_cls = nn.remat(Block) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x_BxTxD, new_layer = block_cls(cfg, fresh_cache, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, segment_ids_BxT, q_slot_BxT, k_segment_BxS, layer_cache)
+      x_BxTxD, new_layer = block_cls(cfg, fresh_cache, num_blocks, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache)
       new_layers.append(new_layer)
     if logits_index_B is not None:
       x_BxTxD = jnp.take_along_axis(x_BxTxD, logits_index_B[:, None, None], axis=1)

@@ -85,7 +85,7 @@ def make_score_fn(model_cfg: model_lib.ModelConfig, use_critic: bool, temperatur
   return score
 
 
-@losses.register_loss("ppo")
+@losses.register_loss("ppo_actor_critic")
 def ppo_actor_critic(model_cfg: model_lib.ModelConfig, algo: alg.RLAlgoConfig,
                      temperature: float = 1.0, vocab_chunk: int = 0) -> Callable:
   """The PPO / GRPO objective over one minibatch (policy and, for gae, the critic):

@@ -31,8 +31,8 @@ The verifier is anything with
   tokens_scored                      an int the verifier adds the tokens it runs to
   answer_read                        (optional) True: a PRM whose `score_outcomes` is
                                      its read of the answer (aggregation "answer")
-(`verifiers.reward_model.Verifier`, `verifiers.hf_prm.HFProcessRewardModel`, which is a
-PRM by construction and has no `kind`); strategies that need none accept None.
+(`verifiers.reward_model.Verifier`, `verifiers.hf_prm.HFProcessRewardModel`, a PRM whose
+`kind` is always "prm"); strategies that need none accept None.
 
 Compute, per problem (what the accuracy-against-compute curves are drawn against):
   generated_tokens  tokens the policy sampled for the problem, its EOS counted (as the

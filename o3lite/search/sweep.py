@@ -15,7 +15,9 @@ same held-out problems, with the compute each spent, drawn as curves.
                                 compute-optimal points of each bin ringed: those no other
                                 point beats on accuracy with fewer generated tokens
 
-With `policy`, `prm` and `orm` empty it first makes them as the verifier issue does
+It is a stage without training (`o3lite.training.stage`, method "test_time"): the harness
+owns its run folder and DIR/eval.json (each strategy's accuracy at each budget).
+With `init_from` (the policy), `prm` and `orm` empty it first makes them as the verifier issue does
 (the `prm_pipeline` config, configs/prm.py's, in DIR/prm; `orm_pipeline`, configs/orm.py's,
 on its policy and labels in DIR/orm), then sweeps. A verifier whose tokenizer is not the policy's, an unknown
 strategy or a budget that is not positive is a one-line error, before any sampling.
@@ -36,6 +38,7 @@ from o3lite import errors
 from o3lite.data import sources
 from o3lite.training import run_folder
 from o3lite.training import sft as sft_lib
+from o3lite.training import stage as stage_lib
 from o3lite.search import core
 from o3lite.verifiers import reward_model
 from o3lite.verifiers import run as verifier_run
@@ -62,38 +65,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.difficulty_from and config.difficulty_from not in config.strategies:
     raise errors.ConfigError(f"difficulty_from={config.difficulty_from!r} is not one of "
                              f"the strategies {list(config.strategies)}")
-  for name in ("policy", "prm", "orm"):
-    if config[name] and not os.path.isfile(os.path.join(config[name],
-                                                        run_folder.MODEL_CONFIG_FILE)):
+  for name in ("init_from", "prm", "orm"):
+    if config[name] and not run_folder.is_run(config[name]):
       raise errors.ConfigError(f"{name}={config[name]} is not an o3lite run folder")
 
 
 def prepare_models(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """The run folders of the policy and the verifiers; missing ones are made (and reused
   by a rerun) as the module docstring says."""
-  folders = {"policy": config.policy, "prm": config.prm, "orm": config.orm}
+  folders = {"policy": config.init_from, "prm": config.prm, "orm": config.orm}
   used = {e.verifier for e in config.strategies.values()}
   if not folders["prm"] and ("prm" in used or not folders["policy"]):
     folders["prm"] = os.path.join(workdir, "prm")
-    if not os.path.isfile(os.path.join(folders["prm"], "eval.json")):
+    if stage_lib.read_result(folders["prm"]) is None:
       prm_cfg = ml_collections.ConfigDict(config.prm_pipeline.to_dict())
       if folders["policy"]:
-        prm_cfg.verifier.policy = folders["policy"]
+        prm_cfg.init_from = folders["policy"]
       print(f"PRM: configs/prm.py's pipeline in {folders['prm']}", flush=True)
-      verifier_run.run_verifier(prm_cfg, folders["prm"])
+      stage_lib.run(prm_cfg, folders["prm"])
   if not folders["policy"]:
     folders["policy"] = os.path.join(folders["prm"], "policy")
   if not folders["orm"] and "orm" in used:
     folders["orm"] = os.path.join(workdir, "orm")
-    if not os.path.isfile(os.path.join(folders["orm"], "eval.json")):
+    if stage_lib.read_result(folders["orm"]) is None:
       orm_cfg = ml_collections.ConfigDict(config.orm_pipeline.to_dict())
-      orm_cfg.verifier.policy = folders["policy"]
+      orm_cfg.init_from = folders["policy"]
       labels = os.path.join(folders["prm"] or "", verifier_run.TRAIN_LABELS)
       if folders["prm"] and os.path.isfile(labels):
         orm_cfg.verifier.labels = labels
         orm_cfg.verifier.eval_labels = os.path.join(folders["prm"], verifier_run.EVAL_LABELS)
       print(f"ORM: configs/orm.py in {folders['orm']}", flush=True)
-      verifier_run.run_verifier(orm_cfg, folders["orm"])
+      stage_lib.run(orm_cfg, folders["orm"])
   return folders
 
 
@@ -116,7 +118,7 @@ def load(config: ml_collections.ConfigDict, folders: dict[str, str]
       reward_model.check_same_tokenizer(v.tokenizer, run.tokenizer,
                                         f"{slot}={folders[slot]}")
       verifiers[slot] = v
-  problems = sft_lib.held_out_examples(run, config.split, config.num_problems)
+  problems = stage_lib.held_out_examples(run.config.data, config.split, config.num_problems)
   return policy, verifiers, sources.get_checker(run.config.data), problems
 
 
@@ -141,9 +143,8 @@ def pareto(points: list[tuple[float, float, Any]]) -> list[Any]:
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Every strategy at every budget; writes and returns DIR/test_time.json's content."""
-  validate(config)
-  run_folder.prepare(workdir)
+  """Every strategy at every budget; writes and returns DIR/test_time.json's content
+  (the harness has checked the config and made the folder)."""
   folders = prepare_models(config, workdir)
   policy, verifiers, checker, problems = load(config, folders)
   sampling = core.Sampling(**dict(config.sampling))
@@ -200,6 +201,25 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
          os.path.join(workdir, "test_time_difficulty.png") if "bins" in out else None)
     print(f"wrote {workdir}/test_time.json, test_time.md, test_time.png", flush=True)
   return out
+
+
+class TestTimeSweep(stage_lib.Stage):
+  """The accuracy-against-compute sweep (no training of its own)."""
+
+  name = "test_time"
+  trains = False
+
+  def validate(self, config) -> None:
+    validate(config)
+
+  def evaluate_only(self, config, workdir: str) -> dict:
+    out = run_sweep(config, workdir)
+    return {"split": out["split"], "num_problems": out["num_problems"],
+            "accuracy": {f"{r['label']}@{r['budget']}": r["accuracy"]
+                         for r in out["records"]}}
+
+
+stage_lib.register(TestTimeSweep())
 
 
 def table(out: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 # Config sections (or single keys) whose change makes a run folder's checkpoints
 # meaningless: the model's shape, the data it trains on, the tokenizer.
-_FIXED = ("model", "data", "train.init_from_hf")
+_FIXED = ("model", "data", "init_from")
 _MAY_CHANGE = ("data.data_dir", "data.path")  # Where data live may move.
 
 
@@ -42,8 +42,23 @@ def prepare(workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
 
 
-def is_run(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, CONFIG_FILE))
+def is_run(path: str) -> bool:
+  """Whether `path` is an o3lite run folder with a model (the one test: its saved model
+  config; a Hugging Face folder has a config.json too, but never this file)."""
+  return os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+
+
+def saved_method(workdir: str) -> str | None:
+  """The `method` of the run saved in `workdir`, or None when it holds no o3lite run."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.RunFolderError(f"{path} is not valid JSON: {e}") from e
+  return saved.get("method") if isinstance(saved, dict) else None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -91,17 +106,6 @@ def _diff(saved: Any, new: Any, prefix: str) -> str | None:
   return None if saved == new else f"{prefix}={new!r} (saved: {saved!r})"
 
 
-def stage_config(config: ml_collections.ConfigDict, method: str,
-                 drop: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """A copy of `config` for one stage of a bigger run (an SFT warm start inside RL, a
-  verifier inside filtering): the `drop` sections removed, `method` set."""
-  stage = ml_collections.ConfigDict(config.to_dict())
-  for section in drop:
-    del stage[section]
-  stage.method = method
-  return stage
-
-
 def check_rerun(workdir: str, config: ml_collections.ConfigDict,
                 model_cfg: model_lib.ModelConfig, sections: tuple[str, ...] = _FIXED
                 ) -> None:
@@ -134,17 +138,25 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
           "(nothing in the folder was changed)")
 
 
+def _write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """The config alone (a stage without a model of its own: the test-time sweep)."""
+  if jax.process_index() == 0:
+    _write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+
+
 def save(workdir: str, config: ml_collections.ConfigDict,
          model_cfg: model_lib.ModelConfig, tokenizer: Any) -> None:
   """The config, model config and tokenizer next to the checkpoints (process 0 only),
   each written to a temporary name first and renamed."""
   if jax.process_index() != 0:
     return
-  for name, text in ((CONFIG_FILE, config.to_json_best_effort(indent=2)),
-                     (MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model_cfg),
-                                                    indent=2))):
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+  _write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  _write(os.path.join(workdir, MODEL_CONFIG_FILE),
+         json.dumps(dataclasses.asdict(model_cfg), indent=2))
   tokenizer.save(os.path.join(workdir, TOKENIZER_DIR))

@@ -11,19 +11,19 @@ training example (question, chain, answer) is written as its completion and scor
 and kept when its score is at least `threshold`; with `best_k` > 0, only the k best
 chains of each question are kept instead (ties broken by order).
 
-`python -m o3lite.train --config=configs/sft_filtered.py`: with `filter.verifier` empty it
-first runs configs/prm.py's pipeline in DIR/verifier (an SFT policy on the unfiltered
-chains, its solutions, Monte Carlo labels, a PRM), so DIR/verifier/policy/eval.json is
-the unfiltered baseline and DIR/eval.json the SFT on filtered chains, same settings.
+`python -m o3lite.train --config=configs/sft_filtered.py` runs it as a stage: SFT (the
+harness, `training.sft.SFT`) on the kept chains. With `filter.verifier` empty it first
+runs the nested `verifier_pipeline` (configs/prm.py's: an SFT policy on the unfiltered
+chains, its solutions, Monte Carlo labels, a PRM) in DIR/verifier, so
+DIR/verifier/policy/eval.json is the unfiltered baseline and DIR/eval.json the SFT on
+filtered chains, same settings.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -31,6 +31,7 @@ from o3lite import errors
 from o3lite.data import formatting
 from o3lite.training import run_folder
 from o3lite.training import sft as sft_lib
+from o3lite.training import stage as stage_lib
 from o3lite.verifiers import reward_model as rm
 from o3lite.verifiers import run as verifier_run
 from o3lite.verifiers import steps as steps_lib
@@ -69,7 +70,10 @@ def keep(examples: Sequence[dict], scores: Sequence[float], threshold: float,
   return sorted(kept)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+VERIFIER_DIR = "verifier"
+
+
+def validate_filter(config: ml_collections.ConfigDict) -> None:
   f = config.filter
   if f.score not in SCORES:
     raise errors.ConfigError(f"filter.score={f.score!r}: expected one of {list(SCORES)}")
@@ -77,34 +81,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError("filter.threshold must be in [0, 1], filter.best_k >= 0 and "
                              "filter.batch_size >= 1")
   if f.verifier:
-    saved = run_folder.load_config(f.verifier) if os.path.isdir(f.verifier) else None
-    if saved is None or saved.get("method") != "verifier":
+    if (run_folder.saved_method(f.verifier) if os.path.isdir(f.verifier) else None) \
+        != "verifier":
       raise errors.ConfigError(f"filter.verifier={f.verifier} is not a verifier run folder")
   else:
-    verifier_run.validate(_verifier_config(config))
-  sft_lib.validate(_sft_config(config))
+    stage_lib.validate(stage_lib.nested_config(config, "verifier_pipeline"))
 
 
-def _verifier_config(config):
-  return run_folder.stage_config(config, "verifier", ("filter",))
-
-
-def _sft_config(config):
-  return run_folder.stage_config(config, "sft", ("filter", "verifier"))
-
-
-def run_filtered_sft(config: ml_collections.ConfigDict, workdir: str) -> sft_lib.SFTResult:
-  """The verifier (given, or trained in DIR/verifier), the filtered training chains
-  (DIR/filter.json: how many were kept), then SFT on them in DIR."""
-  validate(config)
-  run_folder.prepare(workdir)
+def filtered_examples(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """The verifier (given, or trained in DIR/verifier), then the training chains it keeps
+  (DIR/filter.json: how many, and how well it finds the flawed ones)."""
   f = config.filter
-  verifier_dir = f.verifier or os.path.join(workdir, "verifier")
-  if not f.verifier and not os.path.isfile(os.path.join(verifier_dir, "eval.json")):
+  verifier_dir = f.verifier or os.path.join(workdir, VERIFIER_DIR)
+  if not f.verifier and stage_lib.read_result(verifier_dir) is None:
     print(f"verifier: configs/prm.py's pipeline in {verifier_dir}", flush=True)
-    verifier_run.run_verifier(_verifier_config(config), verifier_dir)
-  sft_config = _sft_config(config)
-  examples = sft_lib.train_examples(sft_config.data)
+    stage_lib.run(stage_lib.nested_config(config, "verifier_pipeline"), verifier_dir)
+  examples = sft_lib.train_examples(config.data)
   examples = [examples[i] for i in range(len(examples))]
   verifier = verifier_run.load_verifier(verifier_dir, f.batch_size, tuple(config.mesh.shape))
   scores = chain_scores(verifier, examples, f.score)
@@ -112,27 +104,48 @@ def run_filtered_sft(config: ml_collections.ConfigDict, workdir: str) -> sft_lib
   if not kept:
     raise errors.DataError(f"the filter kept none of {len(examples)} training chains "
                            f"(filter.score={f.score}, threshold {f.threshold})")
-  # Where the task knows the true intermediate values: which chains are flawed.
+  stats = filter_stats(examples, scores, kept)
+  stats.update(verifier=verifier_dir, score=f.score, threshold=f.threshold, best_k=f.best_k)
+  stage_lib.write_json(os.path.join(workdir, "filter.json"), stats)
+  print(f"filter: kept {len(kept)} of {len(examples)} training chains "
+        f"({stats['kept_fraction']:.1%})"
+        + (f"; flawed chains {stats['flawed_fraction_before']:.1%} -> "
+           f"{stats['flawed_fraction_after']:.1%}" if "flawed_fraction_before" in stats
+           else ""), flush=True)
+  return [examples[i] for i in kept]
+
+
+def filter_stats(examples: Sequence[dict], scores: Sequence[float], kept: list[int]) -> dict:
+  """How many chains were kept, and where the task knows the true intermediate values,
+  how well the filter finds the flawed ones."""
   slipped = [("step_values" in e) and 0 in steps_lib.exact_labels(
       formatting.format_completion(e["cot"], e["answer"]), e["step_values"]) for e in examples]
-  stats = {"verifier": verifier_dir, "score": f.score, "threshold": f.threshold,
-           "best_k": f.best_k, "examples": len(examples), "kept": len(kept),
-           "kept_fraction": len(kept) / len(examples),
-           "mean_score": float(np.mean(scores))}
-  if any(slipped):  # How well the filter finds the flawed chains.
+  stats = {"examples": len(examples), "kept": len(kept),
+           "kept_fraction": len(kept) / len(examples), "mean_score": float(np.mean(scores))}
+  if any(slipped):
     s = np.asarray(slipped)
     k = np.zeros(len(examples), bool)
     k[kept] = True
     stats.update(flawed_fraction_before=float(s.mean()),
                  flawed_fraction_after=float(s[k].mean()),
                  flawless_kept_fraction=float(k[~s].mean()) if (~s).any() else float("nan"))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "filter.json"), "w") as out:
-      json.dump(stats, out, indent=2)
-  print(f"filter: kept {len(kept)} of {len(examples)} training chains "
-        f"({stats['kept_fraction']:.1%})"
-        + (f"; flawed chains {stats['flawed_fraction_before']:.1%} -> "
-           f"{stats['flawed_fraction_after']:.1%}" if "flawed_fraction_before" in stats
-           else ""), flush=True)
-  return sft_lib.run_sft(sft_config, workdir, examples=[examples[i] for i in kept])
+  return stats
 
+
+class FilteredSFT(sft_lib.SFT):
+  """SFT on the training chains a verifier keeps."""
+
+  name = "filtered_sft"
+
+  def kind(self, config) -> str:
+    return "sft"
+
+  def validate(self, config) -> None:
+    validate_filter(config)
+    super().validate(config)
+
+  def setup(self, ctx: stage_lib.Context) -> stage_lib.Plan:
+    return sft_lib.SFT(filtered_examples(ctx.config, ctx.workdir)).setup(ctx)
+
+
+stage_lib.register(FilteredSFT())

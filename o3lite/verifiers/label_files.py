@@ -119,12 +119,19 @@ def write_labelled(path: str, records: Sequence[LabelledSolution]) -> None:
 
 def read_labelled(path: str) -> list[LabelledSolution]:
   """The labelled solutions of a JSONL file; blank lines are skipped. A missing or empty
-  file, or a bad line, is a one-line DataError naming the file (and the line)."""
+  file, a bad line, or bytes that are not UTF-8, is a one-line DataError naming the
+  file (and the line)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    with open(path, "rb") as f:
+      data = f.read()
   except OSError as e:
     raise errors.DataError(f"{path}: cannot read labelled solutions: {e.strerror}") from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise errors.DataError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x})") from None
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # As text mode reads.
   out = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
