@@ -284,9 +284,22 @@ def _check_method(workdir: str, method: str) -> None:
                                 "use another --workdir")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the stage `config.method` in `workdir`; returns its eval.json."""
-  stage = validate(config)
+def build(config: ml_collections.ConfigDict, workdir: str, stage: Stage | None = None
+          ) -> tuple[Stage, Context, Plan]:
+  """What a training stage builds before its loop (checks, source, context, its Plan),
+  writing nothing in `workdir` but what nested stages make: for notebooks and tests."""
+  registered = validate(config)
+  stage = stage or registered
+  ctx = context(config, workdir, stage.source(config, workdir))
+  return stage, ctx, stage.setup(ctx)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stage: Stage | None = None
+        ) -> dict:
+  """Runs (or resumes) the stage `config.method` in `workdir` (or the given `stage`
+  object, e.g. `sft.SFT(examples)`); returns its eval.json."""
+  registered = validate(config)
+  stage = stage or registered
   run_folder.prepare(workdir)
   _check_method(workdir, stage.name)
   if not stage.trains:
