@@ -4,7 +4,7 @@ r"""Held-out accuracy of SFT with a chain of thought vs answer only, same model 
   python -m bench.sft_accuracy --num_steps=30 --eval_examples=50 # smoke run
   python -m bench.sft_accuracy --variants=answer_only
 
-Trains `configs/sft.py` then `configs/sft_answer_only.py` with `o3lite.training.sft.run_sft`,
+Trains `configs/sft.py` then `configs/sft_answer_only.py` with `o3lite.stages.run`,
 each in a fresh workdir, and reads each run's `eval.json`. The wall time covers the whole
 run (tokenizer, compile, training, checkpoints, greedy evaluation); the dataset is
 prepared beforehand so the first variant does not pay for it. Prints a Markdown table and
@@ -26,7 +26,8 @@ import jax
 from bench import common
 from configs import sft, sft_answer_only
 from o3lite.model import transformer as model_lib
-from o3lite.training import sft as trainer
+from o3lite import stages
+from o3lite.training import stage as stage_lib
 from o3lite.data import sources
 
 VARIANTS = {  # name -> (config module, label in the table)
@@ -55,7 +56,7 @@ def count_params(workdir: str) -> int:
 def read_eval(workdir: str) -> dict:
   """`eval.json`, with the mean completion length taken from the samples if absent."""
   with open(os.path.join(workdir, "eval.json")) as f:
-    metrics = json.load(f)
+    metrics = stage_lib.headline(json.load(f))
   if "mean_completion_tokens" not in metrics:
     with open(os.path.join(workdir, "eval_samples.jsonl")) as f:
       lengths = [json.loads(line)["completion_tokens"] for line in f if line.strip()]
@@ -75,7 +76,7 @@ def run_variant(name: str, root: str) -> dict:
   workdir = tempfile.mkdtemp(prefix=f"{name}-", dir=root)  # Fresh: never resumes.
   print(f"== {name}: {workdir}", flush=True)
   start = time.perf_counter()
-  trainer.run_sft(config, workdir)
+  stages.run(config, workdir)
   wall_s = time.perf_counter() - start
   metrics = read_eval(workdir)
   return {

@@ -40,8 +40,8 @@ def nested(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """An SFT config's own sections, as a nested stage of a bigger run (RL's `warm_start`,
   the verifier run's `policy`): it shares the run's seed, model, data, mesh and eval."""
   plain = c.to_dict()
-  return ml_collections.ConfigDict({name: plain[name] for name in
-                                    ("method", "init_from", "sft", "loop", "optimizer")})
+  return ml_collections.ConfigDict({"method": "sft", **{
+      name: plain[name] for name in ("init_from", "sft", "loop", "optimizer")}})
 
 
 def get_config() -> ml_collections.ConfigDict:

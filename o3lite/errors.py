@@ -40,6 +40,26 @@ class NonFiniteError(O3liteError):
   rate, or data that overflows the model): the run stops, earlier checkpoints stay."""
 
 
+# Config fields renamed since an earlier o3lite, and what replaced each: a config (or a
+# --config.x= flag) that still names one is a one-line error naming the new field.
+RENAMED = {
+    "train.init_from": "init_from", "train.init_from_hf": "init_from",
+    "rl.sft_init": "init_from", "rl.init_from_hf": "init_from",
+    "verifier.policy": "init_from", "verifier.init_from": "verifier.trunk_from",
+    "verifier.init_from_hf": "verifier.trunk_from",
+    "train.num_steps": "loop.num_steps (RL's warm start: warm_start.loop.num_steps)",
+    "train.batch_size": "sft.batch_size (RL's warm start: warm_start.sft.batch_size)",
+    "rl.num_steps": "loop.num_steps", "rl.optimizer": "optimizer",
+    "verifier.num_steps": "loop.num_steps", "verifier.optimizer": "optimizer",
+}
+
+
+def renamed_message(old: str) -> str:
+  new = RENAMED[old]
+  what = " (a run folder or a local Hugging Face folder)" if new == "init_from" else ""
+  return f"{old} was replaced by {new}{what}"
+
+
 def exit_with(error) -> None:
   """Print `o3lite: <Type>: <first line>` on stderr and exit with status 1."""
   message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -52,6 +72,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser for the entry points, but a bad flag or config override is one
   line (`o3lite: config error: ...`) and exit status 1."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and key in RENAMED:
+      print(f"o3lite: config error: {renamed_message(key)}", file=sys.stderr, flush=True)
+      sys.exit(1)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # flags.Error, and config_flags' KeyError/AttributeError/...

@@ -2,7 +2,7 @@ r"""Entry point: `python -m o3lite.train --config=configs/sft.py [--workdir=DIR]
 
 Parses flags and calls into the library. Without --workdir a fresh folder under ./runs is
 made and printed; with an existing one the run resumes from its latest checkpoint.
-Overrides: `--config.train.num_steps=100`; an unknown key or wrong type is an error.
+Overrides: `--config.loop.num_steps=100`; an unknown key or wrong type is an error.
 Multi-process (TPU pod slice, multi-node GPU, or the local two-process CPU test): pass
 --multiprocess (TPU VMs find their peers themselves) or the coordinator flags.
 """

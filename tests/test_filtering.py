@@ -9,7 +9,9 @@ import pytest
 from configs import sft_filtered
 from conftest import data_of, set_fields
 from o3lite import errors
+from o3lite import stages
 from o3lite.training import sft as sft_lib
+from o3lite.training import stage as stage_lib
 from o3lite.verifiers import filtering
 from o3lite.verifiers import run as verifier_run
 
@@ -33,26 +35,27 @@ def _config(tiny_run, tiny_prm, **extra):
 def test_filtered_sft_trains_on_the_chains_the_prm_keeps(tiny_run, tiny_prm, tmp_path):
   verifier = verifier_run.load_verifier(tiny_prm, 64)
   config = _config(tiny_run, tiny_prm)
-  examples = sft_lib.train_examples(filtering._sft_config(config).data)
+  examples = sft_lib.train_examples(config.data)
   examples = [examples[i] for i in range(len(examples))]
   scores = np.asarray(filtering.chain_scores(verifier, examples, "min"))
   threshold = float(np.median(scores))
   config.filter.threshold = threshold
   workdir = str(tmp_path / "filtered")
-  filtering.run_filtered_sft(config, workdir)
+  result = stages.run(config, workdir)
   with open(os.path.join(workdir, "filter.json")) as f:
     stats = json.load(f)
   assert stats["examples"] == len(examples)
   assert stats["kept"] == int(np.sum(scores >= threshold)) and 0 < stats["kept"] < len(examples)
   # The slipped chains of the training data are found by their exact step labels.
   assert 0.3 < stats["flawed_fraction_before"] < 0.9
-  assert os.path.isfile(os.path.join(workdir, "eval.json"))
+  assert result["stage"] == "filtered_sft" and result["step"] == 2
+  assert result["metrics"]["num_examples"] == 4
   with pytest.raises(errors.ConfigError, match="filter.score='outcome' needs an ORM"):
     filtering.chain_scores(verifier, examples[:2], "outcome")
 
 
 def test_filter_config_errors(tiny_run, tiny_prm):
   with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
-    filtering.validate(_config(tiny_run, tiny_prm, **{"filter.verifier": tiny_run}))
+    stage_lib.validate(_config(tiny_run, tiny_prm, **{"filter.verifier": tiny_run}))
   with pytest.raises(errors.ConfigError, match="filter.score='mean'"):
-    filtering.validate(_config(tiny_run, tiny_prm, **{"filter.score": "mean"}))
+    stage_lib.validate(_config(tiny_run, tiny_prm, **{"filter.score": "mean"}))

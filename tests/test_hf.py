@@ -429,9 +429,10 @@ def test_vocabulary_grows_for_added_tokens(case, tmp_path):
 
 
 def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
-  """`train.init_from_hf`: the exported run comes back with its weights and tokenizer,
-  placed on an 8-device mesh; training then continues from it."""
+  """`init_from` a Hugging Face folder: the exported run comes back with its weights and
+  tokenizer, placed on an 8-device mesh; training then continues from it."""
   from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  from o3lite import stages  # pylint: disable=g-import-not-at-top
   from o3lite.training import sft as trainer  # pylint: disable=g-import-not-at-top
 
   out = str(tmp_path / "hf")
@@ -443,14 +444,14 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
     for key, value in original[section].items():
       if key not in ("tokenizer", "task_kwargs"):
         config[section][key] = value
-  config.train.init_from_hf = out
+  config.init_from = out
   config.loop.num_steps = 2
   config.sft.batch_size = 8
   config.loop.eval_every = 0
   config.optimizer.learning_rate = 0.0  # The parameters stay the imported ones.
   config.mesh.shape = (4, 2, 1)  # The tiny vocabulary (33) does not split over tensor.
   workdir = str(tmp_path / "run")
-  trainer.run_sft(config, workdir)
+  stages.run(config, workdir)
 
   run, params = trainer.load_run(workdir)
   _, original_params = trainer.load_run(trained_run)
@@ -460,25 +461,38 @@ def test_sft_run_initialized_from_a_hugging_face_folder(trained_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with open(os.path.join(workdir, "eval.json")) as f, \
        open(os.path.join(trained_run, "eval.json")) as g:
-    assert json.load(f)["accuracy"] == json.load(g)["accuracy"]
-  config.train.init_from = trained_run  # Both starting points at once: refused.
-  with pytest.raises(errors.O3liteError, match="init_from and train.init_from_hf"):
-    trainer.run_sft(config, str(tmp_path / "both"))
-  config.train.init_from = ""
+    assert json.load(f)["metrics"]["accuracy"] == json.load(g)["metrics"]["accuracy"]
+  # A folder that is neither a run folder nor a Hugging Face folder: one line, before
+  # anything is made; a path that does not exist: one line too.
+  neither = tmp_path / "neither"
+  neither.mkdir()
+  (neither / "notes.txt").write_text("x")
+  config.init_from = str(neither)
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "neither_run"))
+  assert str(e.value) == (
+      f"init_from={neither} is neither an o3lite run folder (no model_config.json) "
+      "nor a Hugging Face folder (no config.json)")
+  assert not os.path.exists(tmp_path / "neither_run")
+  config.init_from = str(tmp_path / "absent")
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "absent_run"))
+  assert str(e.value) == f"init_from={tmp_path / 'absent'} does not exist"
+  assert not os.path.exists(tmp_path / "absent_run")
   # A folder with the tokenizer and config but no weights: reported as that, before
   # anything is built (not as a tokenizer problem).
   no_weights = tmp_path / "no_weights"
   shutil.copytree(out, no_weights)
   os.remove(no_weights / safetensors_io.WEIGHTS_FILE)
-  config.train.init_from_hf = str(no_weights)
+  config.init_from = str(no_weights)
   with pytest.raises(errors.CheckpointError, match=r"has no weights: no model\.safetensors"):
-    trainer.run_sft(config, str(tmp_path / "no_weights_run"))
+    stages.run(config, str(tmp_path / "no_weights_run"))
   assert not os.path.exists(tmp_path / "no_weights_run")
   # A folder with weights but no tokenizer: a tokenizer problem, one line.
   no_tokenizer = tmp_path / "no_tokenizer"
   no_tokenizer.mkdir()
   for name in (hf.CONFIG_FILE, safetensors_io.WEIGHTS_FILE):
     shutil.copy(os.path.join(out, name), no_tokenizer / name)
-  config.train.init_from_hf = str(no_tokenizer)
+  config.init_from = str(no_tokenizer)
   with pytest.raises(errors.DataError, match="no Hugging Face tokenizer could be loaded"):
-    trainer.run_sft(config, str(tmp_path / "no_tokenizer_run"))
+    stages.run(config, str(tmp_path / "no_tokenizer_run"))

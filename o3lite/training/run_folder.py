@@ -111,7 +111,7 @@ def check_rerun(workdir: str, config: ml_collections.ConfigDict,
                 ) -> None:
   """A one-line RunFolderError if `workdir` holds a run whose `sections` of the config
   or whose model config differ from this run's. Writes nothing."""
-  if not is_run(workdir):
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return
   saved = _plain(load_config(workdir))
   new = _plain(config)

@@ -17,7 +17,7 @@ is a small object registered by its `config.method`, that says only what is its 
 
 `run(config, workdir)` does everything else, once, for every stage:
 
-  1. the config: a field renamed since (`policy_source.RENAMED`), the `loop` section, the
+  1. the config: a field renamed since (`errors.RENAMED`), the `loop` section, the
      mesh and the stage's own checks, each a one-line ConfigError before any work;
   2. the run folder: made, and refused when it holds another method's run;
   3. the policy source: the stage's `source` (`init_from`, or a nested stage's folder),
