@@ -10,6 +10,8 @@ setuptools.setup(
         "RL with verifiable rewards, reward models, search and test-time compute."
     ),
     packages=setuptools.find_packages(include=["o3lite", "o3lite.*"]),
+    # GSM8K ships with the package (MIT; its LICENSE and SOURCE.md beside it).
+    package_data={"o3lite.data": ["gsm8k/*.jsonl", "gsm8k/LICENSE", "gsm8k/SOURCE.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

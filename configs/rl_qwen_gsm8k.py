@@ -23,7 +23,7 @@ from configs import rl
 def get_config():
   c = rl.get_config()
   c.data.source = "gsm8k"
-  c.data.path = ""  # "" = ../shared/data/gsm8k next to the repository.
+  c.data.path = ""  # "" = the copy that ships in o3lite/data/gsm8k.
   c.data.vocab_size = 2048  # Unused: the checkpoint's tokenizer is used.
   c.data.cot_slip_rate = 0.0  # No warm start, and slips are an opchain device anyway.
   c.data.seq_len = 512

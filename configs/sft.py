@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.source = "task"  # "task" (procedural, below) | "gsm8k" | "jsonl".
   c.data.task = "opchain"  # Registered task: opchain | addition | multiplication.
   c.data.task_kwargs = ml_collections.ConfigDict({"steps": 5, "modulus": 10})  # Difficulty.
-  c.data.path = ""  # Folder for gsm8k / jsonl sources ("" = ../shared/data/gsm8k).
+  c.data.path = ""  # Folder for gsm8k / jsonl sources ("" = GSM8K as shipped in o3lite/data/gsm8k).
   c.data.data_dir = os.path.expanduser("~/.cache/o3lite/datasets")  # TFDS data dir.
   c.data.num_train = 20_000  # Problems per split (task source).
   c.data.num_validation = 500
@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.cot_slip_rate = 0.0
   c.data.cot_slip_op = "*"
   c.data.seq_len = 128  # Tokens per packed training row.
+  # A training example longer than seq_len + 1 tokens: False = a one-line error naming
+  # it; True = dropped, and counted in eval.json's `dropped_too_long`.
+  c.data.drop_too_long = False
   c.data.pack = True  # Pack several examples per row (else one example per row).
 
   c.sft = ml_collections.ConfigDict()

@@ -4,11 +4,13 @@ import glob
 import importlib
 import os
 
+import ml_collections
 import pytest
 
 from o3lite import errors
+from o3lite import stages
 from o3lite.model import transformer as model_lib
-from o3lite.training import sft as trainer
+from o3lite.training import stage as stage_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
@@ -21,19 +23,43 @@ def test_there_are_configs():
           "rl_qwen_gsm8k", "orm", "prm", "sft_filtered", "test_time"} <= set(CONFIG_FILES)
 
 
+def _sft_sections(config, where=""):
+  """Every SFT section (`sft`) of a config and of the stages nested in it (RL's
+  `warm_start`, the verifier run's `policy`, filtered SFT's `verifier_pipeline`)."""
+  found = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      if name == "sft":
+        found.append((where + name, value))
+      elif "method" in value:
+        found += _sft_sections(value, f"{where}{name}.")
+  return found
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_builds(name):
   config = importlib.import_module(f"configs.{name}").get_config()
+  # The whole check a run makes before any work, for every stage.
+  assert stage_lib.validate(config) is stages.STAGES.lookup(config.method)
+  assert stage_lib.validate(config).name == config.method
   if config.method == "test_time":  # A sweep config: strategies, not a training run.
-    from o3lite.search import sweep  # pylint: disable=g-import-not-at-top
-    sweep.validate(config)
+    for pipeline in ("orm_pipeline", "prm_pipeline"):  # The verifier runs it may make.
+      assert stage_lib.validate(config[pipeline]).name == "verifier"
     config.lock()
     with pytest.raises(AttributeError):
       config.num_problemz = 3
     return
-  model_cfg = trainer.model_config_from(config.model, vocab_size=100)
+  assert "train" not in config  # Its fields moved to `loop`, `sft` and `init_from`.
+  model_cfg = stage_lib.model_config_from(config.model, vocab_size=100)
   assert isinstance(model_cfg, model_lib.ModelConfig)
-  assert config.sft.batch_size % config.sft.grad_accum_steps == 0
+  sft_sections = _sft_sections(config)
+  assert sft_sections, "no sft section"  # Every training stage has (or nests) SFT.
+  for where, section in sft_sections:
+    assert section.batch_size % section.grad_accum_steps == 0, where
+  for name_, value in config.items():  # Each nested stage is a valid stage of its own.
+    if isinstance(value, ml_collections.ConfigDict) and "method" in value:
+      nested = stage_lib.nested_config(config, name_)
+      assert stage_lib.validate(nested).name == value.method
   assert config.eval.split in ("train", "validation", "test")
   assert len(config.mesh.axes) == len(config.mesh.shape)
   if config.method == "rl":  # The algorithm section is valid and the batch splits.
@@ -41,18 +67,11 @@ def test_config_builds(name):
     rl_trainer.algo_config(config.rl)
     rows = config.rl.prompts_per_step * config.rl.group_size
     assert rows % config.rl.minibatch_size == 0
-    rl_trainer.validate(config)  # The whole check a run makes before any work.
-  elif config.method == "verifier":
-    from o3lite.verifiers import run as verifier_run  # pylint: disable=g-import-not-at-top
-    verifier_run.validate(config)
-  elif config.method == "filtered_sft":
-    from o3lite.verifiers import filtering  # pylint: disable=g-import-not-at-top
-    filtering.validate(config)
-  else:
-    trainer.validate(config)
   config.lock()
   with pytest.raises(AttributeError):
-    config.train.num_stepz = 3  # A typo is an error, not a new key.
+    config.loop.num_stepz = 3  # A typo is an error, not a new key.
+  with pytest.raises(AttributeError):
+    config.train = 3  # No section comes back.
   with pytest.raises(TypeError):
     config.loop.num_steps = "many"
 
@@ -69,4 +88,4 @@ def test_model_vocab_smaller_than_tokenizer_is_an_error():
   config = sft.get_config()
   config.model.vocab_size = 10
   with pytest.raises(errors.O3liteError, match="vocab_size=10"):
-    trainer.model_config_from(config.model, vocab_size=40)
+    stage_lib.model_config_from(config.model, vocab_size=40)

@@ -15,9 +15,8 @@ from o3lite.data import builders
 from o3lite.data import batching as pipeline
 from o3lite.data import sources
 
-# ../shared/data/gsm8k beside the repository, wherever it is cloned.
-GSM8K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     os.pardir, "shared", "data", "gsm8k")
+# GSM8K as it ships with the package (the default `data.path`).
+GSM8K = builders.DEFAULT_GSM8K_PATH
 SIZES = {"train": 120, "validation": 30, "test": 30}
 
 

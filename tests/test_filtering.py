@@ -59,3 +59,21 @@ def test_filter_config_errors(tiny_run, tiny_prm):
     stage_lib.validate(_config(tiny_run, tiny_prm, **{"filter.verifier": tiny_run}))
   with pytest.raises(errors.ConfigError, match="filter.score='mean'"):
     stage_lib.validate(_config(tiny_run, tiny_prm, **{"filter.score": "mean"}))
+
+
+def test_step_scores_aggregate_by_one_rule_everywhere():
+  """Filtering reads a PRM's chains with the same aggregation (and the same score for a
+  chain without steps) as search and the verifier's evaluation."""
+  from o3lite.verifiers import aggregation  # pylint: disable=g-import-not-at-top
+
+  class FakePRM:
+    kind = "prm"
+
+    def score_steps(self, examples, completions):
+      return [[0.9, 0.2, 0.6], []][:len(completions)]
+
+  examples = [{"question": "q", "cot": "1+1=2", "answer": "2"}] * 2
+  for name, want in (("min", 0.2), ("last", 0.6), ("prod", 0.9 * 0.2 * 0.6)):
+    assert filtering.chain_scores(FakePRM(), examples, name) == pytest.approx(
+        [want, aggregation.NO_STEPS])
+    assert aggregation.aggregate(name, []) == aggregation.NO_STEPS == 0.5

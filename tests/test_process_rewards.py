@@ -9,8 +9,10 @@ import pytest
 
 from configs import rl as rl_config
 from o3lite import errors
+from o3lite import stages
 from o3lite.rl import algorithms as alg
 from o3lite.rl import run as rl_trainer
+from o3lite.training import stage as stage_lib
 from o3lite.verifiers import reward_model as rm
 from conftest import data_of as _data_of, set_fields as _set
 
@@ -85,7 +87,8 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
     # tops up from the first round's, whose steps the PRM must then score.
     config = _set(config, {"rl.dynamic_sampling": True, "rl.max_sampling_rounds": 2})
   workdir = str(tmp_path / advantage)
-  rl_trainer.run_rl(config, workdir)
+  result = stages.run(config, workdir)
+  assert result["stage"] == "rl" and {"before", "after"} <= set(result)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(l) for l in f if '"reward"' in l]
   assert [m["step"] for m in steps] == [1, 2]
@@ -98,9 +101,10 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
 
 def test_process_reward_config_errors(tiny_run, tiny_prm):
   base = {**_data_of(tiny_run), "init_from": tiny_run}
-  with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
-    rl_trainer.validate(_set(rl_config.get_config(),
-                             {**base, "rl.process_reward.verifier": tiny_run}))
-  with pytest.raises(errors.ConfigError, match="process reward mode 'max'"):
-    rl_trainer.validate(_set(rl_config.get_config(), {
-        **base, "rl.process_reward.verifier": tiny_prm, "rl.process_reward.mode": "max"}))
+  # The rl section's own check, and the whole pre-run check, say the same.
+  for validate in (rl_trainer.validate_rl, stage_lib.validate):
+    with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
+      validate(_set(rl_config.get_config(), {**base, "rl.process_reward.verifier": tiny_run}))
+    with pytest.raises(errors.ConfigError, match="process reward mode 'max'"):
+      validate(_set(rl_config.get_config(), {
+          **base, "rl.process_reward.verifier": tiny_prm, "rl.process_reward.mode": "max"}))

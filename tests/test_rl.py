@@ -188,11 +188,12 @@ def _plan(config, workdir, with_context=False):
 
 
 def _learner(config, workdir):
-  """(ctx, spec, tx, algo, first state) of an RL config, as stage.build resolves it."""
+  """(ctx, spec, tx, algo, init) of an RL config, as stage.build resolves it; `init()`
+  is the first state (its policy from init_from; the train step donates it)."""
   ctx, plan = _plan(config, workdir, with_context=True)
   algo = rl_trainer.algo_config(config.rl)
   spec, tx = rl_trainer.state_spec(ctx, algo)
-  return ctx, spec, tx, algo, plan.init()
+  return ctx, spec, tx, algo, plan.init
 
 
 @pytest.fixture(scope="module", params=["gae", "grpo"])
@@ -332,7 +333,8 @@ def test_update_step_is_the_same_on_two_meshes(tiny_run, tmp_path):
   for shape in [(8, 1, 1), (2, 4, 1)]:
     config = _config_like(tiny_run, **{"mesh.shape": shape, "rl.advantage": "gae",
                                        "rl.kl_coef": 0.05, "rl.entropy_coef": 0.01})
-    ctx, spec, tx, algo, state = _learner(config, str(tmp_path / str(shape)))
+    ctx, spec, tx, algo, init = _learner(config, str(tmp_path / str(shape)))
+    state = init()
     batch = _random_rl_minibatch(seed=0, ragged=False)
     bs = sharding_lib.batch_sharding(ctx.mesh, ctx.rules)
     loss_fn = losses.get_loss("ppo_actor_critic", ctx.model_cfg, algo=algo)
@@ -464,7 +466,7 @@ def test_rl_update_with_gradient_accumulation_equals_one_big_minibatch(tiny_run,
   the one of the whole minibatch, policy and critic (token-mean aggregation)."""
   config = _config_like(tiny_run, **{"mesh.shape": (8, 1, 1), "rl.advantage": "gae",
                                      "rl.kl_coef": 0.05})
-  ctx, spec, tx, algo, first = _learner(config, str(tmp_path))
+  ctx, spec, tx, algo, init = _learner(config, str(tmp_path))
   batch = _random_rl_minibatch(seed=1, ragged=True)
   bs = sharding_lib.batch_sharding(ctx.mesh, ctx.rules)
   loss_fn = losses.get_loss("ppo_actor_critic", ctx.model_cfg, algo=algo)
@@ -472,7 +474,7 @@ def test_rl_update_with_gradient_accumulation_equals_one_big_minibatch(tiny_run,
   for accum in (1, 2):
     update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, accum),
                                      spec.shardings, bs, ctx.mesh, ctx.rules)
-    state, m = update(first, sharding_lib.put_global_batch(batch, bs))
+    state, m = update(init(), sharding_lib.put_global_batch(batch, bs))
     results.append((jax.device_get(m), jax.device_get(state.params)))
   (m1, p1), (m2, p2) = results
   for k in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "count"):

@@ -126,6 +126,6 @@ def test_revise_bad_input(policy):
              lambda: _run(policy, prm, threshold=threshold))
   one_line(r"answer='first': expected one of \['last', 'best'\]",
            lambda: _run(policy, prm, answer="first"))
-  one_line("unknown PRM aggregation 'mean'", lambda: _run(policy, prm, aggregation="mean"))
+  one_line("unknown PRM step aggregation 'mean'", lambda: _run(policy, prm, aggregation="mean"))
   one_line("^search budget 0: expected a positive int$", lambda: _run(policy, prm, budget=0))
   assert prm.tokens_scored == orm.tokens_scored == 0  # Nothing ran.

@@ -9,6 +9,7 @@ from o3lite import errors
 from o3lite.model import transformer as model_lib
 from o3lite.search import best_of_n, core, tree
 from o3lite.verifiers import steps as steps_lib
+from o3lite.verifiers import aggregation as aggregation_lib
 from test_search_voting import FakeVerifier, PROBLEMS, TOK
 
 N, SEED = 8, 0
@@ -60,7 +61,7 @@ def test_tree_search_grows_its_tree_by_the_prms_scores(policy, name, groups, kee
           assert node["text"].startswith(parent["text"])
           assert node["text"] != parent["text"] or not node["live"]  # (EOS adds no text.)
     # The answer is the finished candidate with the best last-step score.
-    assert r.scores == [best_of_n.last(s) if s else 0.5 for s in r.step_scores]
+    assert r.scores == [aggregation_lib.last(s) if s else 0.5 for s in r.step_scores]
     assert r.chosen == r.scores.index(max(r.scores)) and r.solution == r.candidates[r.chosen]
     assert r.step_scores[r.chosen] == _step_score(None, r.solution)
     # Every row's first step was generated; no row writes past 5 steps of 6 (+ EOS).

@@ -25,6 +25,7 @@ from o3lite.sampling import sampler
 from o3lite.search import best_of_n as best_of_n_lib
 from o3lite.search import core, voting
 from o3lite.verifiers import reward_model as rm
+from o3lite.verifiers import aggregation as aggregation_lib
 
 
 # Pieces matched longest first; decoding and re-encoding gives the same ids (the pad
@@ -79,7 +80,7 @@ def _run(name, policy, verifier=None, budget=N, **options):
 def test_the_strategies_are_registered():
   assert sorted(core.STRATEGIES) == ["beam", "best_of_n", "dvts", "majority", "mcts",
                                     "revise", "think_budget", "wait", "weighted_majority"]
-  assert sorted(best_of_n_lib.AGGREGATIONS) == ["last", "min", "prod"]
+  assert sorted(aggregation_lib.STEP_AGGREGATIONS) == ["last", "min", "prod"]
 
 
 def test_majority_picks_the_most_frequent_answer(policy, drawn):
@@ -144,7 +145,7 @@ def test_weighted_majority_follows_the_verifier_to_a_minority_answer(policy, dra
 
 def test_aggregations_are_their_formulas():
   steps = [0.9, 0.5, 0.8]
-  agg = best_of_n_lib.AGGREGATIONS
+  agg = aggregation_lib.STEP_AGGREGATIONS
   assert agg["last"](steps) == 0.8
   assert agg["min"](steps) == 0.5
   assert agg["prod"](steps) == pytest.approx(0.9 * 0.5 * 0.8, rel=1e-12)
@@ -245,7 +246,7 @@ def test_bad_input_is_one_line(policy):
               lambda: run(budget=budget))
   _one_line(errors.ConfigError, r"has no option\(s\) \['beam_width'\]; its options: "
             r"\['aggregation', 'sampling'\]$", lambda: run(beam_width=4))
-  _one_line(errors.ConfigError, r"^unknown PRM aggregation 'mean'; registered: "
+  _one_line(errors.ConfigError, r"^unknown PRM step aggregation 'mean'; registered: "
             r"\['last', 'min', 'prod'\]$", lambda: run(aggregation="mean"))
   _one_line(errors.ConfigError, "an ORM scores whole solutions",
             lambda: run(verifier=orm, aggregation="min"))

@@ -150,11 +150,11 @@ def test_stop_then_continue_from_a_chat_prompt_matches_generate(smollm2):
 
 
 def test_sft_steps_from_the_folder(smollm2, tmp_path):
-  """Two steps of the train command with `train.init_from_hf`, on one CPU device:
+  """Two steps of the train command with `init_from` the folder, on one CPU device:
   compiling the train step of this 30-layer model takes 1-1.5 min there, several over 8
   simulated devices."""
   workdir = str(tmp_path / "run")
-  overrides = {"train.init_from_hf": smollm2.dir, "data.data_dir": str(tmp_path / "data"),
+  overrides = {"init_from": smollm2.dir, "data.data_dir": str(tmp_path / "data"),
                "data.num_train": 64, "data.num_validation": 4, "data.num_test": 4,
                "data.seq_len": 48, "loop.num_steps": 2, "sft.batch_size": 2,
                "loop.log_every": 1, "loop.eval_every": 0, "loop.checkpoint_every": 2,
@@ -173,7 +173,10 @@ def test_sft_steps_from_the_folder(smollm2, tmp_path):
   assert len(losses) == 2 and all(np.isfinite(losses))
   # A pretrained start: far below the loss of a uniform guess, ln(49,154) = 10.8.
   assert losses[0] < 5.0
-  assert os.path.isfile(os.path.join(workdir, "eval.json"))
+  with open(os.path.join(workdir, "eval.json")) as f:
+    result = json.load(f)
+  assert result["stage"] == "sft" and result["step"] == 2
+  assert result["metrics"]["num_examples"] == 2
   assert isinstance(hf_tokenizer_files.load_saved(os.path.join(workdir, "tokenizer")),
                     tokenizer_lib.HFTokenizer)
   cfg = run_folder.load_model_config(workdir)

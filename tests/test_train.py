@@ -15,8 +15,10 @@ import pytest
 
 from configs import sft as sft_config
 from o3lite import errors
+from o3lite import stages
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import sft as trainer
+from o3lite.training import stage as stage_lib
 import sigkill  # tests/sigkill.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,12 +62,16 @@ def _env():
 
 def test_sft_run_writes_every_output(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  metrics = trainer.run_sft(_config(data_dir, 20, **{"loop.checkpoint_every": 10}), workdir).metrics
+  result = stages.run(_config(data_dir, 20, **{"loop.checkpoint_every": 10}), workdir)
+  metrics = result["metrics"]
+  assert result["stage"] == "sft" and result["step"] == 20
   assert metrics["split"] == "test" and metrics["num_examples"] == 16
   with open(os.path.join(workdir, "eval.json")) as f:
     on_disk = json.load(f)
-  assert on_disk["accuracy"] == metrics["accuracy"]
-  assert {"accuracy", "num_examples", "split"} <= set(on_disk)
+  assert on_disk == result
+  assert on_disk["metrics"]["accuracy"] == metrics["accuracy"]
+  assert {"accuracy", "num_examples", "split"} <= set(on_disk["metrics"])
+  assert stage_lib.headline(on_disk) == metrics
   with open(os.path.join(workdir, "eval_samples.jsonl")) as f:
     samples = [json.loads(l) for l in f]
   assert len(samples) == 16
@@ -85,9 +91,10 @@ def test_sft_run_writes_every_output(tmp_path, data_dir):
 
 def _final_params(workdir, data_dir, steps):
   config = _config(data_dir, steps)
-  run = trainer.setup(config, workdir + "-probe")
+  _, _, plan = stage_lib.build(config, workdir + "-probe")
+  assert not os.path.exists(workdir + "-probe")  # build writes no run folder.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 10)
-  state, position = ckpt.restore(run.abstract_state)
+  state, position = ckpt.restore(plan.spec.abstract)
   ckpt.close()
   return jax.device_get(state.params), position, int(state.step)
 
@@ -127,10 +134,29 @@ def _run_cli_expecting_error(tmp_path, data_dir, *extra):
 
 
 def test_config_typo_is_an_error_naming_the_key(tmp_path, data_dir):
-  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.train.num_stepz=3")
+  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.loop.num_stepz=3")
   assert err.strip().splitlines() == [
       "o3lite: config error: unknown config key 'num_stepz' "
       "Did you mean \"num_steps\" instead of \"num_stepz\"?"]
+
+
+def test_a_removed_train_section_key_is_a_one_line_config_error(tmp_path, data_dir):
+  """The `train` section is gone (its fields moved to `loop` and `sft`): setting one of
+  its old keys on the command line is a config error, not a silent new key."""
+  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.train.num_steps=3")
+  assert err.strip().splitlines() == [
+      "o3lite: config error: train.num_steps was replaced by loop.num_steps "
+      "(RL's warm start: warm_start.loop.num_steps)"]
+  assert not os.path.exists(tmp_path / "bad" / "config.json")
+
+
+def test_an_old_init_from_field_is_a_config_error_naming_its_replacement(tmp_path, data_dir):
+  config = _config(data_dir, 5)
+  config.train = {"init_from": ""}
+  with pytest.raises(errors.ConfigError, match=r"^train\.init_from was replaced by "
+                     r"init_from \("):
+    stages.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_impossible_mesh_is_a_one_line_error(tmp_path, data_dir):
@@ -149,7 +175,7 @@ def test_wrong_type_is_an_error(tmp_path, data_dir):
 def test_missing_data_folder_is_an_error(tmp_path, data_dir):
   config = _config(data_dir, 5, **{"data.source": "gsm8k", "data.path": str(tmp_path / "nope")})
   with pytest.raises(errors.O3liteError, match="nope"):
-    trainer.run_sft(config, str(tmp_path / "run"))
+    stages.run(config, str(tmp_path / "run"))
 
 
 def test_malformed_jsonl_is_an_error_naming_file_and_line(tmp_path, data_dir):
@@ -159,18 +185,30 @@ def test_malformed_jsonl_is_an_error_naming_file_and_line(tmp_path, data_dir):
   (folder / "train.jsonl").write_text(good + "\n" + good + "\n{not json\n")
   config = _config(data_dir, 5, **{"data.source": "jsonl", "data.path": str(folder)})
   with pytest.raises(errors.O3liteError, match=r"train\.jsonl:3"):
-    trainer.run_sft(config, str(tmp_path / "run"))
+    stages.run(config, str(tmp_path / "run"))
 
 
 def test_missing_init_checkpoint_is_an_error(tmp_path, data_dir):
-  config = _config(data_dir, 5, **{"train.init_from": str(tmp_path / "absent")})
-  with pytest.raises(errors.CheckpointError, match="absent"):
-    trainer.run_sft(config, str(tmp_path / "run"))
+  config = _config(data_dir, 5)
+  config.init_from = str(tmp_path / "absent")
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "run"))
+  assert str(e.value) == f"init_from={tmp_path / 'absent'} does not exist"
+  assert not os.path.exists(tmp_path / "run")  # Checked before any work.
+  # A folder that is neither a run folder nor a Hugging Face folder: one line too.
+  (tmp_path / "neither").mkdir()
+  config.init_from = str(tmp_path / "neither")
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "run"))
+  assert str(e.value) == (
+      f"init_from={tmp_path / 'neither'} is neither an o3lite run folder (no "
+      "model_config.json) nor a Hugging Face folder (no config.json)")
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
+  stages.run(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   for path in glob.glob(os.path.join(ckpt_dir, "10", "state", "**", "*"), recursive=True):
     if os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -180,7 +218,7 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   snapshot = str(tmp_path / "snapshot")
   shutil.copytree(ckpt_dir, snapshot)
   with pytest.raises(errors.CheckpointError, match="corrupt"):
-    trainer.run_sft(_config(data_dir, 20, **{"loop.checkpoint_every": 5}), workdir)
+    stages.run(_config(data_dir, 20, **{"loop.checkpoint_every": 5}), workdir)
   assert sorted(os.listdir(ckpt_dir)) == before
   for path in glob.glob(os.path.join(snapshot, "**", "*"), recursive=True):
     if os.path.isfile(path):
@@ -191,7 +229,7 @@ def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
 
 def test_interrupted_save_does_not_block_restore(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
+  stages.run(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # What a save killed half way leaves: a temporary folder that was never committed.
   partial = os.path.join(ckpt_dir, "15.orbax-checkpoint-tmp-1234")
@@ -199,8 +237,8 @@ def test_interrupted_save_does_not_block_restore(tmp_path, data_dir):
   with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
     f.write("{")
   assert checkpoint_lib.Checkpointer(ckpt_dir, 5, 3).latest_step() == 10
-  metrics = trainer.run_sft(_config(data_dir, 15, **{"loop.checkpoint_every": 5}), workdir).metrics
-  assert metrics["step"] == 15
+  result = stages.run(_config(data_dir, 15, **{"loop.checkpoint_every": 5}), workdir)
+  assert result["step"] == 15
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,14 +339,14 @@ def test_nan_learning_rate_is_a_one_line_error(tmp_path, data_dir):
 
 def test_rerun_with_another_model_shape_is_refused_and_the_run_is_kept(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  trainer.run_sft(_config(data_dir, 5, **{"loop.checkpoint_every": 5}), workdir)
+  stages.run(_config(data_dir, 5, **{"loop.checkpoint_every": 5}), workdir)
   saved = {name: open(os.path.join(workdir, name), "rb").read()
            for name in ("config.json", "model_config.json")}
   steps = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 5, 3).all_steps()
   for key, value in (("model.embed_dim", 96), ("data.seq_len", 48),
                      ("data.vocab_size", 100)):
     with pytest.raises(errors.RunFolderError, match=rf"{key}={value} \(saved: "):
-      trainer.run_sft(_config(data_dir, 10, **{key: value}), workdir)
+      stages.run(_config(data_dir, 10, **{key: value}), workdir)
   for name, content in saved.items():  # Nothing was rewritten.
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read() == content, name
@@ -317,7 +355,7 @@ def test_rerun_with_another_model_shape_is_refused_and_the_run_is_kept(tmp_path,
   run, params = trainer.load_run(workdir)  # The run still evaluates.
   assert run.model_cfg.embed_dim == 64 and jax.tree.leaves(params)
   # A longer run with the same model and data resumes.
-  trainer.run_sft(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
+  stages.run(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)
 
 
 def test_what_a_new_user_tries(tmp_path, data_dir):
@@ -348,9 +386,9 @@ def test_a_bug_shows_its_traceback(tmp_path):
   """Only o3lite's own error types become one line: a ValueError from inside the run (a
   bug, in o3lite or a library) keeps its traceback and a non-zero exit."""
   code = ("import sys; from absl import app; import o3lite.train as t; "
-          "from o3lite.training import sft\n"
+          "import o3lite.stages\n"
           "def boom(config, workdir): raise ValueError('a bug deep inside')\n"
-          "sft.run_sft = boom\n"
+          "o3lite.stages.run = boom\n"
           f"sys.argv = ['train', '--workdir={tmp_path / 'w'}']\n"
           "app.run(t.main, flags_parser=t.errors.parse_flags)")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
@@ -360,20 +398,30 @@ def test_a_bug_shows_its_traceback(tmp_path):
   assert "o3lite: ValueError" not in out.stderr
 
 
-def test_run_sft_in_process_takes_examples_and_parameters(tmp_path, data_dir):
-  """An outer loop (STaR, distillation) calls run_sft with its own examples and starting
-  parameters and gets the trained parameters back."""
-  first = trainer.run_sft(_config(data_dir, 3), str(tmp_path / "first"))
+def _policy(workdir):
+  return jax.device_get(trainer.load_run(workdir)[1])
+
+
+def test_sft_stage_in_process_takes_examples_and_a_starting_run(tmp_path, data_dir):
+  """An outer loop (STaR, distillation) runs the SFT stage on its own examples
+  (`stage=sft.SFT(examples)`), starting from another run (`init_from`), and reads the
+  trained parameters back from the run folder."""
+  first_dir = str(tmp_path / "first")
+  stages.run(_config(data_dir, 3), first_dir)
+  first = _policy(first_dir)
   examples = [{"question": "3 +4 mod 10", "cot": "3 +4 = 7", "answer": "7"}] * 8
-  frozen = trainer.run_sft(_config(data_dir, 2, **{"optimizer.learning_rate": 0.0}),
-                           str(tmp_path / "frozen"), examples=examples,
-                           init_params=first.params)
-  for a, b in zip(jax.tree.leaves(frozen.params), jax.tree.leaves(first.params)):
+  config = _config(data_dir, 2, **{"optimizer.learning_rate": 0.0})
+  config.init_from = first_dir
+  stage_lib.run(config, str(tmp_path / "frozen"), stage=trainer.SFT(examples))
+  frozen = _policy(str(tmp_path / "frozen"))
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(first)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # lr 0: unchanged.
-  moved = trainer.run_sft(_config(data_dir, 2), str(tmp_path / "moved"),
-                          examples=examples, init_params=first.params)
+  config = _config(data_dir, 2)
+  config.init_from = first_dir
+  moved_result = stage_lib.run(config, str(tmp_path / "moved"), stage=trainer.SFT(examples))
+  moved = _policy(str(tmp_path / "moved"))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-             zip(jax.tree.leaves(moved.params), jax.tree.leaves(first.params)))
-  assert moved.metrics["num_examples"] == 16
+             zip(jax.tree.leaves(moved), jax.tree.leaves(first)))
+  assert moved_result["metrics"]["num_examples"] == 16
   with pytest.raises(errors.DataError, match="at least one example"):
-    trainer.run_sft(_config(data_dir, 2), str(tmp_path / "none"), examples=[])
+    stage_lib.run(_config(data_dir, 2), str(tmp_path / "none"), stage=trainer.SFT([]))

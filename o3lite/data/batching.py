@@ -57,7 +57,7 @@ class SFTBatcher:
   def __init__(self, examples: Sequence[dict],
                tokenizer: tokenizer_lib.Tokenizer, batch_size: int,
                seq_len: int, seed: int, with_cot: bool = True,
-               pack: bool = True):
+               pack: bool = True, drop_too_long: bool = False):
     """Tokenizes every example.
 
     Args:
@@ -68,9 +68,12 @@ class SFTBatcher:
       seed: seed of the per-epoch permutations.
       with_cot: train on the chains of thought, or on empty think blocks.
       pack: several examples per row, or one.
+      drop_too_long: drop (and count, `num_dropped`) the examples of more than
+        seq_len + 1 tokens, instead of raising.
 
     Raises:
-      ValueError: no examples, or an example of more than seq_len + 1 tokens.
+      DataError: no examples, or (unless dropped) an example of more than
+        seq_len + 1 tokens.
     """
     if not examples:
       raise errors.DataError("SFTBatcher needs at least one example.")
@@ -80,15 +83,23 @@ class SFTBatcher:
     self.pack = pack
     self.pad_id = tokenizer.pad_id
     self._tokens, self._prompt_lens = [], []
+    self.num_dropped = 0
     for index, ex in enumerate(examples):
       prompt, completion = tokenize_example(ex, tokenizer, with_cot)
       length = len(prompt) + len(completion)
+      if length > seq_len + 1 and drop_too_long:
+        self.num_dropped += 1
+        continue
       if length > seq_len + 1:
         raise errors.DataError(
             f"Example {index} has {length} tokens, more than seq_len + 1 = "
-            f"{seq_len + 1} (seq_len={seq_len}); raise seq_len or drop it.")
+            f"{seq_len + 1} (seq_len={seq_len}); raise data.seq_len, or set "
+            "data.drop_too_long=True to drop such examples.")
       self._tokens.append(np.asarray(prompt + completion, np.int32))
       self._prompt_lens.append(len(prompt))
+    if not self._tokens:
+      raise errors.DataError(f"all {len(examples)} examples have more than seq_len + 1 = "
+                             f"{seq_len + 1} tokens (seq_len={seq_len})")
     self._orders: dict[int, np.ndarray] = {}
 
   @property

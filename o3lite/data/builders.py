@@ -44,8 +44,8 @@ logging.getLogger("absl").addFilter(
 Example = dict[str, Any]  # "question", "cot", "answer" strings + metadata keys.
 TEXT_KEYS = ("question", "cot", "answer")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_GSM8K_PATH = str(REPO_ROOT.parent / "shared" / "data" / "gsm8k")
+# GSM8K ships with the package (MIT, o3lite/data/gsm8k/LICENSE; SOURCE.md says whence).
+DEFAULT_GSM8K_PATH = str(pathlib.Path(__file__).resolve().parent / "gsm8k")
 SPLITS = tasks.SPLITS
 
 

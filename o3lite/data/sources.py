@@ -6,7 +6,7 @@ or anything with these attributes):
   source         "task" | "gsm8k" | "jsonl"
   task           task name, for source "task"
   task_kwargs    its difficulty knobs (dict / ConfigDict)
-  path           folder of JSONL files for gsm8k / jsonl ("" = shared GSM8K)
+  path           folder of JSONL files for gsm8k / jsonl ("" = GSM8K as shipped in o3lite/data/gsm8k)
   data_dir       TFDS data dir where datasets are prepared and cached
   num_train, num_validation, num_test, seed   split sizes and seed (task)
 """

@@ -155,8 +155,7 @@ def write_rows(cache_Bx___, new_Bx___, start_B, axis: int = 0):
 
 
 def _slots(segment_ids_BxT, cache, fresh_cache):
-  """(q_slot_BxT, k_segment_BxS): each query's key slot and each key slot's segment id;
-  keys are the inputs without a cache or with `fresh_cache`, else the cache's slots."""
+  """(q_slot_BxT, k_segment_BxS): the queries' slots, the keys' (inputs or cache) segments."""
   B, T = segment_ids_BxT.shape
   if cache is None or fresh_cache:
     return jnp.broadcast_to(jnp.arange(T)[None], (B, T)), segment_ids_BxT
@@ -166,10 +165,9 @@ def _slots(segment_ids_BxT, cache, fresh_cache):
 
 
 def default_mask(segment_ids_BxT, cache=None, fresh_cache: bool = False):
-  """The attention mask the model builds when given none: bool [B, T, S], True where query
-  t may attend to key slot s, i.e. s <= t's slot and both carry the same non-zero segment
-  id. Same arguments as `Transformer.__call__`; S = T without a cache or with
-  `fresh_cache`, else the cache's length. Start from it to build a custom mask."""
+  """The mask the model builds when given none: bool [B, T, S], True where query t may see
+  key slot s (s <= t's slot, same non-zero segment id); S = T without a cache or with
+  `fresh_cache`, else the cache's slots. Start from it to build a custom mask."""
   q_slot_BxT, k_segment_BxS = _slots(segment_ids_BxT, cache, fresh_cache)
   k_slot_S = jnp.arange(k_segment_BxS.shape[1])
   return ((k_slot_S[None, None, :] <= q_slot_BxT[:, :, None])
@@ -355,9 +353,8 @@ class Transformer(nn.Module):
     prefill: queries then attend over the T input tokens only (not all the cache's
     slots) and their keys are stored in slots [0, T). `logits_index_B` (int32 [B]) computes the
     logits at that one position per row only: [B, 1, V] (a prefill needs no others).
-    `mask_BxTxS` (bool [B, T, S], True = query t may attend to key slot s; S as in
-    `default_mask`) replaces the default causal / segment mask. Nothing proves a given
-    mask causal, so the XLA:CPU kernels then attend over all keys in one block."""
+    `mask_BxTxS` (bool [B, T, S], as `default_mask` builds) replaces the default mask; the
+    XLA:CPU kernels then attend over all keys in one block (nothing proves it causal)."""
     cfg = self.config
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)

@@ -5,7 +5,7 @@ XLA:CPU allocates a compiled step's temporaries as one buffer (590 MB for the SF
 serves an allocation that large with a fresh `mmap` and unmaps it on free, so every step
 page-faults all its temporaries in again: there, 150,000 page faults and 350 ms of kernel
 time per step. With one malloc arena that never maps nor trims, the freed pages are reused:
-the step ran 1.2x faster (README, "Train step speed").
+the step ran 1.2x faster (RESULTS.md, "Train step speed").
 
 `keep_freed_memory()` must run before JAX starts its CPU client (threads choose their
 arena at their first malloc), so `python -m o3lite.train` calls it first thing, where

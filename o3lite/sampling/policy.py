@@ -17,7 +17,7 @@ import jax
 from o3lite.model import transformer as model_lib
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: never compare params trees.
 class Policy:
   """A policy's parameters, frozen model config, tokenizer and placement."""
 

@@ -9,13 +9,8 @@ problem x, score each with a verifier, answer with the best one's answer:
 
 ORM:  r = P(y correct | x), the verifier's read after the whole solution.
 PRM:  r = agg(p_1, ..., p_n), p_j = P(step j correct | x, steps 1..j), with agg one of
-      AGGREGATIONS (pure functions of a non-empty list of step scores):
-        last  p_n           Snell et al. 2024 find it the best for their PRM;
-                            search-and-learn's default
-        min   min_j p_j     the weakest step (Wang et al. 2024, Math-Shepherd)
-        prod  prod_j p_j    P(every step correct) were step errors independent
-                            (Lightman et al. 2023)
-      A solution without steps scores 0.5 (no evidence, as `Verifier.score_outcomes`).
+      `verifiers.aggregation.STEP_AGGREGATIONS` (last, min, prod; a solution without
+      steps scores aggregation.NO_STEPS = 0.5).
       Or `answer`: a PRM trained with an answer read (`verifier.answer_read`) reads
       the EOS after the final answer too: r = its P(answer correct | x, y), the
       outcome judged by the same model that judges the steps (best-of-N, weighted
@@ -25,37 +20,13 @@ PRM:  r = agg(p_1, ..., p_n), p_j = P(step j correct | x, steps 1..j), with agg 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from o3lite import errors
-from o3lite.registry import Registry
 from o3lite.search import core
-
-AGGREGATIONS = Registry("PRM aggregation")
-ANSWER = "answer"  # Not a function of step scores: the PRM's answer read (see above).
-NO_STEPS = 0.5  # The score of a solution in which a PRM finds no step.
-
-
-@AGGREGATIONS.register("last")
-def last(step_scores: Sequence[float]) -> float:
-  """r = p_n: the PRM's read after the last step (Snell et al. 2024)."""
-  return float(step_scores[-1])
-
-
-@AGGREGATIONS.register("min")
-def minimum(step_scores: Sequence[float]) -> float:
-  """r = min_j p_j: a chain is as good as its weakest step (Math-Shepherd)."""
-  return float(min(step_scores))
-
-
-@AGGREGATIONS.register("prod")
-def product(step_scores: Sequence[float]) -> float:
-  """r = prod_j p_j: every step correct, steps taken as independent (Lightman et al.)."""
-  return float(math.prod(step_scores))
-
+from o3lite.verifiers import aggregation as aggregation_lib
 
 @dataclasses.dataclass
 class Scored:
@@ -79,7 +50,7 @@ def aggregator(verifier: Any, strategy: str, aggregation: str | None,
       raise errors.ConfigError(f"aggregation={aggregation!r} aggregates a PRM's step "
                                "scores; an ORM scores whole solutions")
     return None
-  if aggregation == ANSWER:
+  if aggregation == aggregation_lib.ANSWER:
     if not answer:
       raise errors.ConfigError(f"search strategy {strategy!r} ranks by step scores: "
                                "aggregation='answer' is for best_of_n, "
@@ -88,14 +59,15 @@ def aggregator(verifier: Any, strategy: str, aggregation: str | None,
       raise errors.ConfigError("aggregation='answer' needs a PRM with an answer read "
                                "(train it with verifier.answer_read=True)")
     return None
-  return AGGREGATIONS.lookup("last" if aggregation is None else aggregation)
+  return aggregation_lib.STEP_AGGREGATIONS.lookup(
+      "last" if aggregation is None else aggregation)
 
 
 def score_candidates(verifier: Any, problems: Sequence[dict], drawn: Sequence[core.Drawn],
                      agg: Callable[[Sequence[float]], float] | None) -> list[Scored]:
   """Every candidate of every problem scored in one verifier call (the verifier batches
   the rows): `score_outcomes` when `agg` is None (an ORM), else `score_steps` and
-  r = agg(step scores) (NO_STEPS for a solution without steps)."""
+  r = agg(step scores) (aggregation.NO_STEPS for a solution without steps)."""
   examples = [p for p, d in zip(problems, drawn) for _ in d.texts]
   solutions = [t for d in drawn for t in d.texts]
   before = verifier.tokens_scored
@@ -103,7 +75,7 @@ def score_candidates(verifier: Any, problems: Sequence[dict], drawn: Sequence[co
     flat, flat_steps = verifier.score_outcomes(examples, solutions), None
   else:
     flat_steps = verifier.score_steps(examples, solutions)
-    flat = [agg(s) if len(s) else NO_STEPS for s in flat_steps]
+    flat = [aggregation_lib.aggregate(agg, s) for s in flat_steps]
   shares = core.split_count(verifier.tokens_scored - before, [d.row_tokens for d in drawn])
   out, at = [], 0
   for d, share in zip(drawn, shares):

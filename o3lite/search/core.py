@@ -61,7 +61,7 @@ import numpy as np
 
 from o3lite import errors
 from o3lite.data import formatting
-from o3lite.model import transformer as model_lib
+from o3lite.sampling import policy as policy_lib
 from o3lite.registry import Registry
 from o3lite.sampling import sampler
 
@@ -69,16 +69,8 @@ STRATEGIES = Registry("search strategy")
 KINDS = ("orm", "prm")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: never compare params trees.
-class Policy:
-  """The model that writes the solutions: its params, config and tokenizer; with a mesh
-  (and its logical rules), the sampler splits rows over the mesh's batch axes."""
-
-  params: Any
-  model_cfg: model_lib.ModelConfig
-  tokenizer: Any
-  mesh: jax.sharding.Mesh | None = None
-  rules: Any = None
+# The policy bundle (params, model config, tokenizer, placement) of the sampling layer.
+Policy = policy_lib.Policy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,7 @@ from o3lite.search import best_of_n
 from o3lite.search import core
 from o3lite.search import revise as revise_lib
 from o3lite.verifiers import steps as steps_lib
+from o3lite.verifiers import aggregation as aggregation_lib
 
 VALUES = ("prm", "rollout")
 ANSWERS = ("value", "visits")
@@ -241,7 +242,7 @@ def _simulations(chunk: list[dict], prompts: list[list[int]], policy: core.Polic
       ranks, steps = verifier.score_outcomes(examples, texts), [None] * len(rows)
     else:
       steps = verifier.score_steps(examples, texts)
-      ranks = [agg(s) if len(s) else best_of_n.NO_STEPS for s in steps]
+      ranks = [agg(s) if len(s) else aggregation_lib.NO_STEPS for s in steps]
     weights = np.zeros(P)
     for b in rows:
       weights[b // k] += len(prompts[b // k]) + len(children[b].candidate_tokens) + 1
@@ -250,7 +251,7 @@ def _simulations(chunk: list[dict], prompts: list[list[int]], policy: core.Polic
       child = children[b]
       child.steps = None if s is None else [float(x) for x in s]
       child.rank = float(r)
-      child.score = (float(s[-1]) if s else best_of_n.NO_STEPS) if value == "prm" else child.rank
+      child.score = (float(s[-1]) if s else aggregation_lib.NO_STEPS) if value == "prm" else child.rank
       child.visits, child.total, child.evaluations = 1, child.score, [child.score]
     # Back up: the new children join their leaf, their values go up its path.
     for p in grow:

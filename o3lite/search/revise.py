@@ -46,6 +46,7 @@ from o3lite.sampling import sampler
 from o3lite.search import best_of_n
 from o3lite.search import core
 from o3lite.verifiers import steps as steps_lib
+from o3lite.verifiers import aggregation as aggregation_lib
 
 ANSWERS = ("last", "best")
 
@@ -152,7 +153,7 @@ def revise(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget:
   results = []
   for p, chain in enumerate(chains):
     texts = [tok.decode(y.tokens) for y in chain]
-    scores = [agg(y.steps) if y.steps else best_of_n.NO_STEPS for y in chain]
+    scores = [agg(y.steps) if y.steps else aggregation_lib.NO_STEPS for y in chain]
     chosen = len(chain) - 1 if answer == "last" else int(np.argmax(scores))
     out = core.result(core.Drawn(drawn[p].prompt, [], texts,
                                  [formatting.parse_answer(t) for t in texts]),

@@ -21,7 +21,7 @@ delimiter) or to EOS. Each problem keeps N rows in the sampler; one iteration:
         cannot take over every subtree
 
 until no row is live or `max_steps` iterations; the answer is the finished candidate
-with the best aggregated PRM score (`best_of_n.AGGREGATIONS`, default `last`; or
+with the best aggregated PRM score (`aggregation_lib.STEP_AGGREGATIONS`, default `last`; or
 `answer`, the PRM's answer read of each finished candidate; live rows cut off by
 `max_steps` compete only when nothing finished). All problems of a call share one
 compiled shape: problems_per_call x N rows.
@@ -42,6 +42,7 @@ from o3lite.sampling import stops as stops_lib
 from o3lite.search import best_of_n
 from o3lite.search import core
 from o3lite.verifiers import step_reader
+from o3lite.verifiers import aggregation as aggregation_lib
 
 
 def select(scores: Sequence[float], live: Sequence[bool], groups: int, keep: int,
@@ -69,7 +70,7 @@ class _Row:
   tokens: list[int] | None  # The row's completion so far (stops included, EOS excluded).
   live: bool = True
   steps: tuple[float, ...] = ()  # The PRM's score of each of its steps so far.
-  score: float = best_of_n.NO_STEPS  # What it is ranked by: its newest step's score.
+  score: float = aggregation_lib.NO_STEPS  # What it is ranked by: its newest step's score.
 
 
 def _step_config(policy: core.Policy, sampling: core.Sampling, step_tokens: int,
@@ -158,7 +159,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       before = verifier.tokens_scored
       for b, steps in enumerate(reader.extend(new)):
         rows[b].steps = tuple(steps)
-        rows[b].score = steps[-1] if steps else best_of_n.NO_STEPS
+        rows[b].score = steps[-1] if steps else aggregation_lib.NO_STEPS
       # 2. With lookahead, a live row is ranked by its step `lookahead` greedy steps on.
       if lookahead:
         extra = _lookahead(policy, state, [r.live for r in rows], lookahead, greedy,
@@ -208,7 +209,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       bounds = np.cumsum([0] + [len(t) for t in texts])
       scores = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
     else:
-      scores = [[aggregate(list(s)) if s else best_of_n.NO_STEPS for _, s in pool]
+      scores = [[aggregate(list(s)) if s else aggregation_lib.NO_STEPS for _, s in pool]
                 for pool in pools]
     for p, pool in enumerate(pools):
       drawn = core.Drawn(prompts[p], [], texts[p],

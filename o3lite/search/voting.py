@@ -9,7 +9,7 @@ Reasoning in Language Models"): sample N solutions, parse each one's final answe
 Weighted majority (Li et al. 2023, "Making Language Models Better Reasoners with
 Step-Aware Verifier"; Uesato et al. 2022; Snell et al. 2024's "weighted best-of-N"): each
 vote counts its solution's verifier score r_i (ORM outcome, or a PRM's aggregated step
-scores, `best_of_n.AGGREGATIONS`, default "last"):
+scores, `aggregation_lib.STEP_AGGREGATIONS`, default "last"):
 
   a* = argmax_a sum_i r_i 1[a_i = a]
 
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from o3lite.evaluation import heldout
 from o3lite.search import best_of_n as best_of_n_lib
 from o3lite.search import core
+from o3lite.verifiers import aggregation as aggregation_lib
 
 
 def weighted_answer(answers: Sequence[str | None], weights: Sequence[float]) -> str | None:

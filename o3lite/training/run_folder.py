@@ -97,6 +97,8 @@ def _diff(saved: Any, new: Any, prefix: str) -> str | None:
       where = f"{prefix}.{key}" if prefix else key
       if where in _MAY_CHANGE:
         continue
+      if key not in saved and not new[key]:
+        continue  # A setting added since the run was made, left at its off default.
       if key not in saved or key not in new:
         return f"{where} is {'new' if key not in saved else 'gone'}"
       found = _diff(saved[key], new[key], where)

@@ -117,7 +117,11 @@ class SFT(stage_lib.Stage):
     examples = train_examples(config.data) if self.examples is None else self.examples
     batcher = batching.SFTBatcher(
         examples, ctx.tokenizer, s.batch_size, config.data.seq_len, seed=config.data.seed,
-        with_cot=config.data.with_cot, pack=config.data.pack)
+        with_cot=config.data.with_cot, pack=config.data.pack,
+        drop_too_long=bool(config.data.get("drop_too_long", False)))
+    if batcher.num_dropped:
+      print(f"dropped {batcher.num_dropped} of {len(examples)} training examples longer "
+            f"than data.seq_len + 1 = {config.data.seq_len + 1} tokens", flush=True)
 
     def init():
       if ctx.source is None:
@@ -147,7 +151,9 @@ class SFT(stage_lib.Stage):
 
     return stage_lib.Plan(spec=spec, init=init, iterate=iterate,
                           evaluate=stage_lib.policy_evaluation(ctx),
-                          host_metrics=host_metrics)
+                          host_metrics=host_metrics,
+                          extra=lambda state: {"train_examples": batcher.num_examples,
+                                               "dropped_too_long": batcher.num_dropped})
 
 
 stage_lib.register(SFT())

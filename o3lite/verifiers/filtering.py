@@ -6,6 +6,8 @@ training example (question, chain, answer) is written as its completion and scor
 
   min      the PRM's lowest step score (one bad step condemns the chain)
   last     the PRM's score of the last step
+  prod     the product of the PRM's step scores
+  (`verifiers.aggregation`: a chain without steps scores its NO_STEPS)
   outcome  the ORM's P(correct)
 
 and kept when its score is at least `threshold`; with `best_k` > 0, only the k best
@@ -32,11 +34,12 @@ from o3lite.data import formatting
 from o3lite.training import run_folder
 from o3lite.training import sft as sft_lib
 from o3lite.training import stage as stage_lib
+from o3lite.verifiers import aggregation
 from o3lite.verifiers import reward_model as rm
 from o3lite.verifiers import run as verifier_run
 from o3lite.verifiers import steps as steps_lib
 
-SCORES = ("min", "last", "outcome")
+SCORES = ("min", "last", "prod", "outcome")
 
 
 def chain_scores(verifier: rm.Verifier, examples: Sequence[dict], score: str) -> list[float]:
@@ -51,8 +54,7 @@ def chain_scores(verifier: rm.Verifier, examples: Sequence[dict], score: str) ->
   if score == "outcome":
     return verifier.score_outcomes(examples, completions)
   steps = verifier.score_steps(examples, completions)
-  pick = min if score == "min" else (lambda s: s[-1])
-  return [pick(s) if s else 0.0 for s in steps]
+  return [aggregation.aggregate(score, s) for s in steps]
 
 
 def keep(examples: Sequence[dict], scores: Sequence[float], threshold: float,

@@ -39,6 +39,7 @@ from o3lite.training import policy_source
 from o3lite.training import run_folder
 from o3lite.training import stage as stage_lib
 from o3lite.training import step as step_lib
+from o3lite.verifiers import aggregation
 from o3lite.verifiers import label_files
 from o3lite.verifiers import labellers
 from o3lite.verifiers import metrics as metrics_lib
@@ -162,8 +163,8 @@ def evaluate(verifier: rm.Verifier, records: Sequence[label_files.LabelledSoluti
     gold = [r.metadata.get("exact_labels", r.labels) for r in records]
     out["step"] = metrics_lib.step_metrics(scores, gold, threshold)
     out["first_error"] = metrics_lib.first_error_f1(scores, gold, threshold)
-    solution_p = {"last": [s[-1] if s else 0.5 for s in scores],
-                  "min": [min(s) if s else 0.5 for s in scores]}
+    solution_p = {agg: [aggregation.aggregate(agg, s) for s in scores]
+                  for agg in ("last", "min")}
     if verifier.answer_read:  # Its read of the answer itself.
       solution_p["answer"] = [p[-1] for p in reads]
     out["outcome"] = {agg: metrics_lib.calibration(p, outcomes)
