@@ -49,16 +49,19 @@ class Source:
     return saved_tokenizer(self.path)
 
   def model_config(self, model_fields=None, vocab_size: int = 0) -> model_lib.ModelConfig:
-    """Its shape: a run folder's saved model config, or a Hugging Face folder's, with
-    dtype and remat from `model_fields` (a config's `model` section) and room for
-    `vocab_size` tokens."""
+    """Its shape: a run folder's saved model config, or a Hugging Face folder's (with
+    dtype and remat from `model_fields`, a config's `model` section, and room for
+    `vocab_size` tokens); the `kernels` backend switch from `model_fields` for both."""
+    fields = dict(model_fields or {})
     if not self.is_hf:
-      return run_folder.load_model_config(self.path)
-    with open(os.path.join(self.path, hf.CONFIG_FILE)) as f:
-      fields = dict(model_fields or {})
-      cfg = hf_config.model_config_from_hf(json.load(f), dtype=fields.get("dtype", "float32"),
-                                           remat=fields.get("remat", False))
-    return dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
+      cfg = run_folder.load_model_config(self.path)
+    else:
+      with open(os.path.join(self.path, hf.CONFIG_FILE)) as f:
+        cfg = hf_config.model_config_from_hf(json.load(f),
+                                             dtype=fields.get("dtype", "float32"),
+                                             remat=fields.get("remat", False))
+      cfg = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
+    return dataclasses.replace(cfg, kernels=fields.get("kernels", cfg.kernels))
 
   def load_policy(self, abstract_policy: Any, model_cfg: model_lib.ModelConfig,
                   tokenizer: Any, step: int | None = None) -> Any:
