@@ -49,3 +49,16 @@ def test_split_steps():
   assert formatting.split_steps("") == []
   steps = ["a", "b", "c"]
   assert formatting.split_steps("\n".join(steps)) == steps
+
+
+def test_the_one_prompt_builder_takes_a_hint_and_system_text():
+  assert formatting.format_prompt("3 +4 mod 10") == "3 +4 mod 10\n"  # As always.
+  assert formatting.format_prompt("3 +4 mod 10", hint="7") == "3 +4 mod 10 (answer: 7)\n"
+  assert formatting.format_prompt("q?", system="Rule 1.") == "Rule 1.\n\nq?\n"
+
+  class Chars:
+    def encode(self, text):
+      return [ord(c) for c in text]
+
+  assert formatting.encode_prompt(Chars(), "q?", hint="1", system="S") == [
+      ord(c) for c in "S\n\nq? (answer: 1)\n"]

@@ -28,7 +28,7 @@ Batch = dict[str, np.ndarray]
 def tokenize_example(ex: dict, tokenizer: tokenizer_lib.Tokenizer,
                      with_cot: bool) -> tuple[list[int], list[int]]:
   """Returns (prompt_ids, completion_ids); the completion ends with EOS."""
-  prompt = tokenizer.encode(formatting.format_prompt(ex["question"]))
+  prompt = formatting.encode_prompt(tokenizer, ex["question"])
   completion = tokenizer.encode(
       formatting.format_completion(ex["cot"], ex["answer"], with_cot))
   return prompt, completion + [tokenizer.eos_id]
@@ -37,7 +37,7 @@ def tokenize_example(ex: dict, tokenizer: tokenizer_lib.Tokenizer,
 def encode_prompts(examples: Sequence[dict],
                    tokenizer: tokenizer_lib.Tokenizer) -> list[list[int]]:
   """Prompt ids of each example, for sampling and evaluation."""
-  return [tokenizer.encode(formatting.format_prompt(ex["question"]))
+  return [formatting.encode_prompt(tokenizer, ex["question"])
           for ex in examples]
 
 

@@ -2,7 +2,7 @@
 
 Every example, whatever its source, is rendered as two strings:
 
-  prompt     = question + "\\n"
+  prompt     = [system + "\\n\\n"] + question + [" (answer: " + hint + ")"] + "\\n"
   completion = "<think>" + step_1 + "\\n" + ... + step_n + "</think>" + answer
 
 The model sees the prompt and is trained to write the completion; the tokenizer
@@ -10,6 +10,8 @@ appends the EOS id after it. The final answer is read back with `parse_answer`,
 the only answer parser of the project, so training, evaluation, rewards and
 search all agree on what "the answer" is.
 """
+
+from __future__ import annotations
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -19,9 +21,20 @@ THINK_END = "</think>"
 _EOS_STRINGS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<eos>")
 
 
-def format_prompt(question: str) -> str:
-  """Returns the prompt the model is conditioned on."""
-  return question + "\n"
+def format_prompt(question: str, hint: str | None = None, system: str | None = None) -> str:
+  """The prompt the model is conditioned on: the one prompt builder of o3lite.
+
+  `hint`: an answer given in the prompt (STaR's rationalization: the model explains a
+  known answer), after the question as in the STaR code; `system`: text before the
+  question (a written spec for deliberative alignment, a system instruction)."""
+  text = question if hint is None else f"{question} (answer: {hint})"
+  return text + "\n" if system is None else f"{system}\n\n{text}\n"
+
+
+def encode_prompt(tokenizer, question: str, hint: str | None = None,
+                  system: str | None = None) -> list[int]:
+  """The prompt's token ids (see `format_prompt`)."""
+  return tokenizer.encode(format_prompt(question, hint, system))
 
 
 def format_completion(cot: str, answer: str, with_cot: bool = True) -> str:

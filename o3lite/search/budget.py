@@ -35,7 +35,7 @@ def _forced(problems: list[dict], policy: core.Policy, seed: int, sampling: core
     raise errors.ConfigError("budget forcing needs a tokenizer with a single "
                              f"{formatting.THINK_END} token")
   cfg = dataclasses.replace(sampling.config(tok, 1), think_end_id=think_end_id, **forcing)
-  prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
+  prompts = [formatting.encode_prompt(tok, p["question"]) for p in problems]
   rows = sampler.sample(policy.params, prompts, policy.model_cfg, cfg,
                         min(sampling.problems_per_call(1), len(problems)),
                         jax.random.PRNGKey(seed),

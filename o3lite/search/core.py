@@ -152,7 +152,7 @@ def draw(problems: Sequence[dict], policy: Policy, num_samples: int, seed: int,
   `sampler.sample` (`sampling.problems_per_call(num_samples)` problems per call, key
   `PRNGKey(seed)`)."""
   tok = policy.tokenizer
-  prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
+  prompts = [formatting.encode_prompt(tok, p["question"]) for p in problems]
   drawn = sampler.sample(policy.params, prompts, policy.model_cfg,
                          sampling.config(tok, num_samples),
                          min(sampling.problems_per_call(num_samples), len(problems)),

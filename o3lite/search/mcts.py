@@ -286,7 +286,7 @@ def _check(problems: list[dict], trees: list[list[Node]], pools: list[list[int]]
       keep = int(fraction * len(steps))
       cut = text[:steps[keep - 1].boundary] if keep else ""
       jobs.append((p, i, answer, cut))
-      prefixes.append(tok.encode(formatting.format_prompt(problems[p]["question"]))
+      prefixes.append(formatting.encode_prompt(tok, problems[p]["question"])
                       + tok.encode(cut))
   if not jobs:
     return
@@ -344,7 +344,7 @@ def mcts(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget: i
   search_key, check_key = jax.random.split(jax.random.PRNGKey(seed))
   per_call = revise_lib.rows_per_call(
       policy, min(sampling.problems_per_call(expand), len(problems)))
-  prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in problems]
+  prompts = [formatting.encode_prompt(tok, p["question"]) for p in problems]
   trees, generated, spent = [], [], []
   for call, begin in enumerate(range(0, len(problems), per_call)):
     t, g, s = _simulations(problems[begin:begin + per_call], prompts[begin:begin + per_call],

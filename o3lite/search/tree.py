@@ -131,7 +131,7 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
   results = []
   for c, begin in enumerate(range(0, len(problems), per_call)):
     chunk = problems[begin:begin + per_call]
-    prompts = [tok.encode(formatting.format_prompt(p["question"])) for p in chunk]
+    prompts = [formatting.encode_prompt(tok, p["question"]) for p in chunk]
     state = sampler.start(policy.params, prompts, policy.model_cfg, cfg,
                           jax.random.fold_in(key, c), batch_size=per_call, **where)
     B = state.batch_size  # per_call x N rows, padding problems' included.

@@ -129,7 +129,7 @@ def _prefixes(examples, solutions, tokenizer) -> tuple[list[_Prefix], list[int]]
   """Every (solution, step) prefix, and each solution's step count."""
   prefixes, counts = [], []
   for s, (example, solution) in enumerate(zip(examples, solutions)):
-    prompt = tokenizer.encode(formatting.format_prompt(example["question"]))
+    prompt = formatting.encode_prompt(tokenizer, example["question"])
     written = tokenizer.encode(solution)
     text = tokenizer.decode(written)
     found = steps_lib.split_completion(text)

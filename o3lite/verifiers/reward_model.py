@@ -89,7 +89,7 @@ def encode(question: str, solution: str, tokenizer: Any, kind: str,
   """
   if kind not in KINDS:
     raise errors.ConfigError(f"verifier kind {kind!r}: expected one of {list(KINDS)}")
-  prompt = tokenizer.encode(formatting.format_prompt(question))
+  prompt = formatting.encode_prompt(tokenizer, question)
   written = tokenizer.encode(solution)
   if kind == "orm":
     tokens = prompt + written + [tokenizer.eos_id]
