@@ -108,13 +108,10 @@ def _spend(verifier: Any, before: int, spent: np.ndarray, tokens_P: Sequence[int
   spent += np.asarray(core.split_count(verifier.tokens_scored - before, tokens_P))
 
 
-def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, seed: int,
-            groups: int, keep: int, expand: int, aggregation: str, max_steps: int,
-            step_tokens: int, lookahead: int, sampling: core.Sampling, name: str
-            ) -> list[core.SearchResult]:
-  """The iterations of the module docstring, `sampling.problems_per_call(N)` problems at
-  a time; the PRM reads each step once, as it is written (`verifiers.step_reader`: its
-  KV cache per row is forked with the sampler's rows)."""
+def _checked(verifier: Any, name: str, aggregation: str, max_steps: int, step_tokens: int,
+             lookahead: int):
+  """The aggregation a tree search ranks finished candidates by, its settings checked
+  (each a one-line ConfigError) before any sampling."""
   if core.verifier_kind(verifier, name) != "prm":
     raise errors.ConfigError(f"search strategy {name!r} scores steps: it needs a PRM")
   aggregate = best_of_n.aggregator(verifier, name, aggregation, answer=True)
@@ -122,6 +119,49 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
                       ("lookahead", lookahead + 1)):
     if value < 1:
       raise errors.ConfigError(f"search strategy {name!r}: {what} too small ({value})")
+  return aggregate
+
+
+def _chunk_results(chunk, prompts, rows, finished, trees, generated, spent, verifier,
+                   aggregate, tok, N: int) -> list[core.SearchResult]:
+  """One call's problems answered: each problem's finished candidates (else its rows
+  still open at max_steps), ranked by the aggregated step scores or the answer read."""
+  P = len(rows) // N
+  pools = [finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
+                           if r.tokens is not None] for p in range(len(chunk))]
+  texts = [[tok.decode(t) for t, _ in pool] for pool in pools]
+  if aggregate is None:  # The PRM's answer read of every candidate, in one call.
+    before = verifier.tokens_scored
+    flat = verifier.score_outcomes([chunk[p] for p, t in enumerate(texts) for _ in t],
+                                   [x for t in texts for x in t])
+    _spend(verifier, before, spent, [sum(len(prompts[p]) + len(t) + 1 for t, _ in pool)
+                                     for p, pool in enumerate(pools)]
+           + [0] * (P - len(chunk)))
+    bounds = np.cumsum([0] + [len(t) for t in texts])
+    scores = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+  else:
+    scores = [[aggregation_lib.aggregate(aggregate, list(s)) for _, s in pool]
+              for pool in pools]
+  results = []
+  for p, pool in enumerate(pools):
+    drawn = core.Drawn(prompts[p], [], texts[p],
+                       [formatting.parse_answer(t) for t in texts[p]])
+    out = core.result(drawn, int(np.argmax(scores[p])), scores[p],
+                      [list(s) for _, s in pool], int(spent[p]))
+    out.compute.generated_tokens = int(generated[p])
+    out.tree = trees[p]
+    results.append(out)
+  return results
+
+
+def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, seed: int,
+            groups: int, keep: int, expand: int, aggregation: str, max_steps: int,
+            step_tokens: int, lookahead: int, sampling: core.Sampling, name: str
+            ) -> list[core.SearchResult]:
+  """The iterations of the module docstring, `sampling.problems_per_call(N)` problems at
+  a time; the PRM reads each step once, as it is written (`verifiers.step_reader`: its
+  KV cache per row is forked with the sampler's rows)."""
+  aggregate = _checked(verifier, name, aggregation, max_steps, step_tokens, lookahead)
   tok, where = policy.tokenizer, {"mesh": policy.mesh, "rules": policy.rules}
   cfg = _step_config(policy, sampling, step_tokens, N)
   greedy = _step_config(policy, sampling, step_tokens, 1, greedy=True)
@@ -196,29 +236,8 @@ def _search(problems: list[dict], policy: core.Policy, verifier: Any, N: int, se
       state = sampler.continue_(policy.params, state, [[] if r.live else None for r in rows],
                                 policy.model_cfg, cfg, jax.random.fold_in(key, 1_000 * c + it + 1),
                                 **where)
-    pools = [finished[p] or [(r.tokens, r.steps) for r in rows[p * N:(p + 1) * N]
-                             if r.tokens is not None] for p in range(len(chunk))]
-    texts = [[tok.decode(t) for t, _ in pool] for pool in pools]
-    if aggregate is None:  # The PRM's answer read of every candidate, in one call.
-      before = verifier.tokens_scored
-      flat = verifier.score_outcomes([chunk[p] for p, t in enumerate(texts) for _ in t],
-                                     [x for t in texts for x in t])
-      _spend(verifier, before, spent, [sum(len(prompts[p]) + len(t) + 1 for t, _ in pool)
-                                       for p, pool in enumerate(pools)]
-             + [0] * (P - len(chunk)))
-      bounds = np.cumsum([0] + [len(t) for t in texts])
-      scores = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
-    else:
-      scores = [[aggregate(list(s)) if s else aggregation_lib.NO_STEPS for _, s in pool]
-                for pool in pools]
-    for p, pool in enumerate(pools):
-      drawn = core.Drawn(prompts[p], [], texts[p],
-                         [formatting.parse_answer(t) for t in texts[p]])
-      out = core.result(drawn, int(np.argmax(scores[p])), scores[p],
-                        [list(s) for _, s in pool], int(spent[p]))
-      out.compute.generated_tokens = int(generated[p])
-      out.tree = trees[p]
-      results.append(out)
+    results += _chunk_results(chunk, prompts, rows, finished, trees, generated, spent,
+                              verifier, aggregate, tok, N)
   return results
 
 
