@@ -68,7 +68,7 @@ def main(argv):
   T = _SEQ.value or rl_cfg.max_prompt_len + rl_cfg.max_new_tokens
   trees = {"policy": None, **({"critic": rl_cfg.value_learning_rate}
                               if algo.uses_critic else {})}
-  tx, _ = optimizer_lib.make_optimizer(rl_cfg.optimizer, 1000, trees, "rl.optimizer")
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, 1000, trees)
   spec = learner.state_spec(model_cfg, tx, algo.uses_critic, mesh, rules)
   bs = sharding_lib.batch_sharding(mesh, rules)
   ints = lambda: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs)
@@ -86,8 +86,8 @@ def main(argv):
   accums = [int(a) for a in (_ACCUM.value or [rl_cfg.grad_accum_steps])]
   cases = [(c, a) for c in [int(c) for c in _CHUNKS.value] for a in accums]
   for chunk, accum in cases:
-    loss_fn = losses.get_loss("ppo", model_cfg, algo=algo, temperature=rl_cfg.temperature,
-                              vocab_chunk=chunk)
+    loss_fn = losses.get_loss("ppo_actor_critic", model_cfg, algo=algo,
+                              temperature=rl_cfg.temperature, vocab_chunk=chunk)
     update = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx, accum),
                                      spec.shardings, bs, mesh, rules)
     score = step_lib.jit_eval_fn(

@@ -20,7 +20,6 @@ from o3lite.data import batching as pipeline
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
 from o3lite.rl import rewards as rewards_lib
-from o3lite.rl import learner as rl
 from o3lite.rl import run as rl_trainer
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import losses
