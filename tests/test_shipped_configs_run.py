@@ -54,4 +54,9 @@ def test_shipped_config_runs(name, data_dir, tmp_path):
   if config.method == "test_time":
     assert len(result["metrics"]["accuracy"]) == len(config.strategies)
     return
-  assert result["step"] == 1 and result["metrics"]
+  # `step` counts optimizer updates: one per iteration, RL's minibatch updates per step.
+  updates = 1
+  if config.method == "rl":
+    rl = config.rl
+    updates = rl.epochs * rl.prompts_per_step * rl.group_size // rl.minibatch_size
+  assert result["step"] == updates and result["metrics"]
