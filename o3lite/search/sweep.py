@@ -68,6 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("init_from", "prm", "orm"):
     if config[name] and not run_folder.is_run(config[name]):
       raise errors.ConfigError(f"{name}={config[name]} is not an o3lite run folder")
+  for slot in ("prm", "orm"):  # The verifier runs it makes first, checked now.
+    if not config[slot]:
+      stage_lib.validate(config[f"{slot}_pipeline"])
 
 
 def prepare_models(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -144,7 +147,9 @@ def pareto(points: list[tuple[float, float, Any]]) -> list[Any]:
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Every strategy at every budget; writes and returns DIR/test_time.json's content
-  (the harness has checked the config and made the folder)."""
+  (through the harness the config is checked first; called directly, from a notebook,
+  the folder is made here)."""
+  run_folder.prepare(workdir)
   folders = prepare_models(config, workdir)
   policy, verifiers, checker, problems = load(config, folders)
   sampling = core.Sampling(**dict(config.sampling))
