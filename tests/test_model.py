@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_same_loss_and_grads
 from o3lite import errors
 from o3lite.model import cpu_kernels
 from o3lite.model import transformer as model_lib
@@ -221,12 +222,7 @@ def test_the_two_kernel_paths_give_the_same_model(qkv_bias, tie):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1) * (segments > 0)[..., None])
 
-  (l_plain, g_plain), (l_cpu, g_cpu) = [jax.value_and_grad(loss)(params, c) for c in cfgs]
-  np.testing.assert_allclose(l_cpu, l_plain, rtol=1e-6)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain),
-                          jax.tree.leaves(g_cpu)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  assert_same_loss_and_grads(loss, params, cfgs)
 
 
 @pytest.mark.parametrize("num_blocks", [2, 4])

@@ -7,7 +7,7 @@ import pytest
 
 from o3lite import errors
 from o3lite.model import transformer as model_lib
-from o3lite.search import best_of_n, core, tree
+from o3lite.search import core, tree
 from o3lite.verifiers import steps as steps_lib
 from o3lite.verifiers import aggregation as aggregation_lib
 from test_search_voting import FakeVerifier, PROBLEMS, TOK

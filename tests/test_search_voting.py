@@ -22,7 +22,6 @@ from o3lite.evaluation import heldout
 from o3lite.model import heads
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import sampler
-from o3lite.search import best_of_n as best_of_n_lib
 from o3lite.search import core, voting
 from o3lite.verifiers import reward_model as rm
 from o3lite.verifiers import aggregation as aggregation_lib

@@ -3,14 +3,12 @@ step (step counts, evaluation and labelling sizes cut to the least that still ru
 part), so a config that cannot run fails here, not on a user's machine."""
 
 import importlib
-import os
 
 import ml_collections
 import pytest
 
 from conftest import set_fields
 from o3lite import stages
-from o3lite.training import stage as stage_lib
 
 # Configs that start from a checkpoint this machine does not have: rl_qwen_gsm8k is built
 # and compiled at a tiny shape below; rl_smollm2 joins when its memory fits (the real

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import rl as rl_config
 from configs import sft as sft_config
 from conftest import data_of, set_fields
 from o3lite import errors
@@ -151,16 +152,31 @@ def test_renamed_fields_name_the_new_one(tmp_path):
   assert not os.path.exists(tmp_path / "b")
 
 
-def test_init_from_that_is_not_a_policy_is_one_line(tmp_path):
-  (tmp_path / "empty").mkdir()
+def test_init_from_that_is_not_a_policy_is_one_line_before_any_work(tmp_path):
+  """The one check of every stage's policy source (`policy_source.resolve`, run by the
+  harness's validation before anything is made)."""
   config = sft_config.get_config()
-  config.init_from = str(tmp_path / "empty")
-  with pytest.raises(errors.ConfigError, match=r"^init_from=.*/empty is neither an o3lite "
-                     r"run folder \(no model_config.json\) nor a Hugging Face folder"):
-    stage_lib.validate(config)
   config.init_from = str(tmp_path / "absent")
-  with pytest.raises(errors.ConfigError, match=r"^init_from=.*/absent does not exist$"):
-    stage_lib.validate(config)
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "run"))
+  assert str(e.value) == f"init_from={tmp_path / 'absent'} does not exist"
+  assert not os.path.exists(tmp_path / "run")  # Checked before any work.
+  # A folder that is neither a run folder nor a Hugging Face folder: one line too.
+  (tmp_path / "neither").mkdir()
+  (tmp_path / "neither" / "notes.txt").write_text("x")
+  config.init_from = str(tmp_path / "neither")
+  with pytest.raises(errors.ConfigError) as e:
+    stages.run(config, str(tmp_path / "run"))
+  assert str(e.value) == (
+      f"init_from={tmp_path / 'neither'} is neither an o3lite run folder (no "
+      "model_config.json) nor a Hugging Face folder (no config.json)")
+  assert not os.path.exists(tmp_path / "run")
+  # The same in a stage that would otherwise run a nested stage first (RL's warm start).
+  rl = rl_config.get_config()
+  rl.init_from = str(tmp_path / "neither")
+  with pytest.raises(errors.ConfigError, match=r"^init_from=.* is neither an o3lite"):
+    stages.run(rl, str(tmp_path / "rl"))
+  assert not os.path.exists(tmp_path / "rl")
 
 
 def test_a_run_folder_from_before_the_harness_evaluates_exports_and_starts_sft(tmp_path):

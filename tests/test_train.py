@@ -188,24 +188,6 @@ def test_malformed_jsonl_is_an_error_naming_file_and_line(tmp_path, data_dir):
     stages.run(config, str(tmp_path / "run"))
 
 
-def test_missing_init_checkpoint_is_an_error(tmp_path, data_dir):
-  config = _config(data_dir, 5)
-  config.init_from = str(tmp_path / "absent")
-  with pytest.raises(errors.ConfigError) as e:
-    stages.run(config, str(tmp_path / "run"))
-  assert str(e.value) == f"init_from={tmp_path / 'absent'} does not exist"
-  assert not os.path.exists(tmp_path / "run")  # Checked before any work.
-  # A folder that is neither a run folder nor a Hugging Face folder: one line too.
-  (tmp_path / "neither").mkdir()
-  config.init_from = str(tmp_path / "neither")
-  with pytest.raises(errors.ConfigError) as e:
-    stages.run(config, str(tmp_path / "run"))
-  assert str(e.value) == (
-      f"init_from={tmp_path / 'neither'} is neither an o3lite run folder (no "
-      "model_config.json) nor a Hugging Face folder (no config.json)")
-  assert not os.path.exists(tmp_path / "run")
-
-
 def test_corrupt_checkpoint_is_an_error_and_nothing_is_lost(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   stages.run(_config(data_dir, 10, **{"loop.checkpoint_every": 5}), workdir)

@@ -116,18 +116,25 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
-def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict],
-               name: str = "eval") -> str:
-  """`DIR/{name}.json` and `DIR/{name}_samples.jsonl`, written atomically."""
-  path = os.path.join(workdir, f"{name}.json")
+def write_json(path: str, tree: Any) -> None:
+  """`tree` as JSON at `path`, atomically (a temporary name, then a rename)."""
   with open(path + ".tmp", "w") as f:
-    json.dump(metrics, f, indent=2)
+    json.dump(tree, f, indent=2)
   os.replace(path + ".tmp", path)
-  samples_path = os.path.join(workdir, f"{name}_samples.jsonl")
-  with open(samples_path + ".tmp", "w") as f:
-    for s in samples:
-      f.write(json.dumps(s) + "\n")
-  os.replace(samples_path + ".tmp", samples_path)
+
+
+def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict] | None,
+               name: str = "eval") -> str:
+  """`DIR/{name}.json` and (unless `samples` is None) `DIR/{name}_samples.jsonl`, each
+  written atomically."""
+  path = os.path.join(workdir, f"{name}.json")
+  write_json(path, metrics)
+  if samples is not None:
+    samples_path = os.path.join(workdir, f"{name}_samples.jsonl")
+    with open(samples_path + ".tmp", "w") as f:
+      for s in samples:
+        f.write(json.dumps(s) + "\n")
+    os.replace(samples_path + ".tmp", samples_path)
   return path
 
 

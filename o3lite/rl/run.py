@@ -179,10 +179,10 @@ class RL(stage_lib.Stage):
     scorer = rewards_lib.RewardScorer(dict(rl_cfg.rewards), sources.get_checker(config.data),
                                       rl_cfg.reward_timeout_s)
     iterate = make_iterate(run, spec, tx, stream, scorer)
-    evaluate = stage_lib.policy_evaluation(ctx)
+    evaluate = sft_lib.policy_evaluation(ctx)
     return stage_lib.Plan(
         spec=spec, init=init, iterate=iterate, evaluate=evaluate,
-        evaluate_before=stage_lib.policy_evaluation(ctx, lambda s: s.frozen["reference"]),
+        evaluate_before=sft_lib.policy_evaluation(ctx, lambda s: s.frozen["reference"]),
         close=scorer.close)
 
 

@@ -121,7 +121,7 @@ def load(config: ml_collections.ConfigDict, folders: dict[str, str]
       reward_model.check_same_tokenizer(v.tokenizer, run.tokenizer,
                                         f"{slot}={folders[slot]}")
       verifiers[slot] = v
-  problems = stage_lib.held_out_examples(run.config.data, config.split, config.num_problems)
+  problems = sft_lib.held_out_examples(run.config.data, config.split, config.num_problems)
   return policy, verifiers, sources.get_checker(run.config.data), problems
 
 

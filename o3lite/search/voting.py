@@ -24,7 +24,6 @@ from typing import Any, Sequence
 from o3lite.evaluation import heldout
 from o3lite.search import best_of_n as best_of_n_lib
 from o3lite.search import core
-from o3lite.verifiers import aggregation as aggregation_lib
 
 
 def weighted_answer(answers: Sequence[str | None], weights: Sequence[float]) -> str | None:

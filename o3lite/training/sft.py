@@ -14,8 +14,8 @@ policy (SFT or RL, from this o3lite or an earlier one) for evaluation and export
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -84,6 +84,44 @@ def train_examples(data_cfg) -> Sequence[dict]:
                              modulus, data_cfg.seed) for i in range(len(examples))]
 
 
+# --- what every policy stage shares (SFT, RL, filtered SFT) ----------------------------
+
+def policy_evaluation(ctx: stage_lib.Context, params_of: Callable[[Any], Any] = lambda s: s.params[
+    "policy"]) -> stage_lib.Evaluate:
+  """Held-out evaluation of the policy in a state (the `eval` section: greedy accuracy,
+  pass@k, maj@k, thinking budgets; `heldout.evaluate`)."""
+  eval_cfg = ctx.config.eval
+  examples = held_out_examples(ctx.config.data, eval_cfg.split, eval_cfg.num_examples)
+  checker = sources.get_checker(ctx.config.data)
+
+  def evaluate(state, tag):
+    del tag
+    return heldout.evaluate(params_of(state), ctx.model_cfg, examples, ctx.tokenizer,
+                            checker, eval_cfg, eval_cfg.split, ctx.mesh, ctx.rules)
+  return evaluate
+
+
+def held_out_examples(data_cfg, split: str, num_examples: int) -> list[dict]:
+  """The first `num_examples` problems of a split."""
+  examples = sources.load_examples(data_cfg, split)
+  return [examples[i] for i in range(min(num_examples, len(examples)))]
+
+
+def timed_tokens():
+  """A window for tokens/s: `add(n)` per step; `rate()` since the last read."""
+  window = {"tokens": 0, "start": time.time()}
+
+  def add(n):
+    window["tokens"] += n
+
+  def rate():
+    elapsed = time.time() - window["start"]
+    out = window["tokens"] / max(elapsed, 1e-9)
+    window.update(tokens=0, start=time.time())
+    return out
+  return add, rate
+
+
 class SFT(stage_lib.Stage):
   """Cross-entropy on the completion tokens of packed (prompt, chain, answer) rows."""
 
@@ -136,7 +174,7 @@ class SFT(stage_lib.Stage):
         step_lib.make_train_step(losses.get_loss("sft_cross_entropy", ctx.model_cfg), tx,
                                  s.grad_accum_steps),
         spec.shardings, batch_sharding, ctx.mesh, ctx.rules)
-    add_tokens, tokens_per_second = stage_lib.timed_tokens()
+    add_tokens, tokens_per_second = timed_tokens()
 
     def iterate(state, position, step):
       del step
@@ -150,7 +188,7 @@ class SFT(stage_lib.Stage):
               "learning_rate": float(schedule(done - 1))}
 
     return stage_lib.Plan(spec=spec, init=init, iterate=iterate,
-                          evaluate=stage_lib.policy_evaluation(ctx),
+                          evaluate=policy_evaluation(ctx),
                           host_metrics=host_metrics,
                           extra=lambda state: {"train_examples": batcher.num_examples,
                                                "dropped_too_long": batcher.num_dropped})
@@ -197,5 +235,5 @@ def evaluate(run: LoadedRun, policy_params, split: str, num_examples: int
   """Every held-out metric of the run's `eval` section (see `heldout.evaluate`)."""
   return heldout.evaluate(
       policy_params, run.model_cfg,
-      stage_lib.held_out_examples(run.config.data, split, num_examples), run.tokenizer,
+      held_out_examples(run.config.data, split, num_examples), run.tokenizer,
       sources.get_checker(run.config.data), run.config.eval, split, run.mesh, run.rules)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -194,30 +193,22 @@ def nested_config(config: ml_collections.ConfigDict, section: str
 # --- results ----------------------------------------------------------------------------
 
 def write_json(path: str, tree: Any) -> None:
-  """`tree` as JSON at `path`, atomically (a temporary name, then a rename); process 0."""
-  if jax.process_index() != 0:
-    return
-  with open(path + ".tmp", "w") as f:
-    json.dump(tree, f, indent=2)
-  os.replace(path + ".tmp", path)
+  """`tree` as JSON at `path`, atomically, on process 0 (`heldout.write_json`)."""
+  if jax.process_index() == 0:
+    heldout.write_json(path, tree)
 
 
-def write_samples(path: str, samples) -> None:
-  if jax.process_index() != 0 or samples is None:
-    return
-  with open(path + ".tmp", "w") as f:
-    for s in samples:
-      f.write(json.dumps(s) + "\n")
-  os.replace(path + ".tmp", path)
-
-
-def read_result(workdir: str) -> dict | None:
-  """A finished run's eval.json, or None when the run has not finished."""
-  path = os.path.join(workdir, RESULT_FILE)
+def read_json(path: str) -> dict | None:
+  """The JSON file at `path`, or None when there is none."""
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def read_result(workdir: str) -> dict | None:
+  """A finished run's eval.json, or None when the run has not finished."""
+  return read_json(os.path.join(workdir, RESULT_FILE))
 
 
 def headline(metrics: dict) -> dict:
@@ -327,11 +318,11 @@ def _fit_and_evaluate(stage: Stage, ctx: Context, plan: Plan) -> dict:
   state, position, start = loop_lib.restore_or_init(ckpt, plan.spec.abstract, plan.init)
   before = None
   if plan.evaluate_before is not None:
-    before = read_result_file(os.path.join(workdir, BEFORE_FILE))
+    before = read_json(os.path.join(workdir, BEFORE_FILE))
     if before is None:
       before, samples = plan.evaluate_before(state, "before")
-      write_json(os.path.join(workdir, BEFORE_FILE), before)
-      write_samples(os.path.join(workdir, "eval_before_samples.jsonl"), samples)
+      if ctx.is_main:  # eval_before.json and eval_before_samples.jsonl.
+        heldout.write_eval(workdir, before, samples, BEFORE_FILE.removesuffix(".json"))
       print(f"before {stage.name}: {stage.summary(before)}", flush=True)
   writer = metric_writer.MetricWriter(workdir, loop_cfg.num_steps, start,
                                       enabled=ctx.is_main)
@@ -358,8 +349,8 @@ def _fit_and_evaluate(stage: Stage, ctx: Context, plan: Plan) -> dict:
     result.update(before=before, after=after)
   if plan.extra:
     result.update(plan.extra(state))
-  write_json(os.path.join(workdir, RESULT_FILE), result)
-  write_samples(os.path.join(workdir, "eval_samples.jsonl"), samples)
+  if ctx.is_main:  # eval.json and eval_samples.jsonl.
+    heldout.write_eval(workdir, result, samples, RESULT_FILE.removesuffix(".json"))
   writer.write(step, scalars(after), prefix="eval/")
   writer.close()
   if ctx.is_main:
@@ -368,53 +359,8 @@ def _fit_and_evaluate(stage: Stage, ctx: Context, plan: Plan) -> dict:
   return result
 
 
-def read_result_file(path: str) -> dict | None:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def summary(metrics: dict) -> str:
   """The headline figures of an evaluation, for the console (a stage may override)."""
   if "accuracy" in metrics:
     return f"accuracy {metrics['accuracy']:.3f} on {metrics.get('num_examples', '?')} problems"
   return ", ".join(f"{k} {v:.3f}" for k, v in list(scalars(metrics).items())[:4])
-
-
-# --- what policy stages share -----------------------------------------------------------
-
-def policy_evaluation(ctx: Context, params_of: Callable[[Any], Any] = lambda s: s.params[
-    "policy"]) -> Evaluate:
-  """Held-out evaluation of the policy in a state (the `eval` section: greedy accuracy,
-  pass@k, maj@k, thinking budgets; `heldout.evaluate`)."""
-  eval_cfg = ctx.config.eval
-  examples = held_out_examples(ctx.config.data, eval_cfg.split, eval_cfg.num_examples)
-  checker = sources.get_checker(ctx.config.data)
-
-  def evaluate(state, tag):
-    del tag
-    return heldout.evaluate(params_of(state), ctx.model_cfg, examples, ctx.tokenizer,
-                            checker, eval_cfg, eval_cfg.split, ctx.mesh, ctx.rules)
-  return evaluate
-
-
-def held_out_examples(data_cfg, split: str, num_examples: int) -> list[dict]:
-  """The first `num_examples` problems of a split."""
-  examples = sources.load_examples(data_cfg, split)
-  return [examples[i] for i in range(min(num_examples, len(examples)))]
-
-
-def timed_tokens():
-  """A window for tokens/s: `add(n)` per step; `rate()` since the last read."""
-  window = {"tokens": 0, "start": time.time()}
-
-  def add(n):
-    window["tokens"] += n
-
-  def rate():
-    elapsed = time.time() - window["start"]
-    out = window["tokens"] / max(elapsed, 1e-9)
-    window.update(tokens=0, start=time.time())
-    return out
-  return add, rate

@@ -37,6 +37,7 @@ from o3lite.training import losses
 from o3lite.training import optimizer as optimizer_lib
 from o3lite.training import policy_source
 from o3lite.training import run_folder
+from o3lite.training import sft as sft_lib
 from o3lite.training import stage as stage_lib
 from o3lite.training import step as step_lib
 from o3lite.verifiers import aggregation
@@ -111,7 +112,7 @@ def make_labels(config: ml_collections.ConfigDict, policy_dir: str, split: str,
   run = policy_source.load(policy_dir, config.model, mesh, rules)
   params = run.params
   train = split == "train"
-  examples = stage_lib.held_out_examples(config.data, split,
+  examples = sft_lib.held_out_examples(config.data, split,
                                          v.num_problems if train else v.eval_problems)
   sampling = solutions_lib.SolutionSampling(
       num_samples=v.samples_per_problem, temperature=v.temperature,
