@@ -33,7 +33,8 @@ from o3lite.model import heads
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
 from o3lite.rl import rewards as rewards_lib
-from o3lite.sampling import sampler as sampling
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 from o3lite.training import losses
 from o3lite.training import optimizer as optimizer_lib
 from o3lite.training import sft as sft_lib
@@ -53,21 +54,19 @@ _LRS = flags.DEFINE_list("learning_rates", ["1e-3", "1e-4"], "Critic learning ra
 
 def _rollouts(run, policy, examples, key):
   tok = run.tokenizer
-  scfg = sampling.SamplingConfig(max_new_tokens=48, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                 prompt_bucket=32, temperature=1.0, num_samples=8,
-                                 think_end_id=tok.think_end_id)
   prompts = batching.encode_prompts(examples, tok)
-  drawn = sampling.sample(policy, prompts, run.model_cfg, scfg, 64, key, run.mesh,
-                          run.rules)
-  scorer = rewards_lib.RewardScorer({"correctness": 1.0}, sources.get_checker(
-      run.config.data))
+  drawn = draws.draw(policy_lib.Policy(policy, run.model_cfg, tok, run.mesh, run.rules),
+                     prompts, 8, draws.Sampling(max_new_tokens=48, temperature=1.0,
+                                                prompt_bucket=32), key, problems_per_call=64)
+  scorer = rewards_lib.RewardScorer({"correctness": 1.0}, rewards_lib.RewardContext(
+      sources.get_checker(run.config.data)))
   rows, comps, finished, texts, row_examples = [], [], [], [], []
-  for ex, prompt, group in zip(examples, prompts, drawn):
-    for c in group:
-      rows.append(prompt)
+  for ex, d in zip(examples, drawn):
+    for c, text in zip(d.completions, d.texts):
+      rows.append(d.prompt)
       comps.append(c.tokens)
       finished.append(c.finished)
-      texts.append(tok.decode(c.tokens))
+      texts.append(text)
       row_examples.append(ex)
   scores = scorer.score(row_examples, texts, [1] * len(texts), 49).total
   scorer.close()

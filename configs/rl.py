@@ -85,13 +85,20 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 and is counted.
   c.rl.reward_timeout_s = 5.0
 
-  # Process rewards: a frozen PRM (a verifier run folder, configs/prm.py) scores every
+  # Options of reward functions registered as factories (a model judge): {name: {...}}.
+  c.rl.reward_options = ml_collections.ConfigDict()
+
+  # Process rewards: a registered step reward (o3lite.rl.rewards.STEP_REWARDS) scores every
   # sampled step; its reward sits at the step's last token, added to the outcome rewards
-  # above (set rl.rewards.correctness=0 for process rewards alone).
+  # above (set rl.rewards.correctness=0 for process rewards alone). "prm": a frozen PRM
+  # (a verifier run folder, configs/prm.py) scores each step.
   c.rl.process_reward = ml_collections.ConfigDict({
-      "verifier": "",  # The PRM's run folder; "" = no process rewards.
+      "function": "",  # The step reward's name ("prm"); "" = no process rewards.
+      "options": ml_collections.ConfigDict({  # Its options (prm: these two).
+          "verifier": "",  # The PRM's run folder.
+          "batch_size": 64,  # Completions per PRM call.
+      }),
       "weight": 1.0,  # Scale of the step rewards.
       "mode": "score",  # score (r_i = p_i) | difference (r_i = p_i - p_{i-1}, p_0 = 0).
-      "batch_size": 64,  # Completions per PRM call.
   })
   return c

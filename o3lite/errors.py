@@ -51,6 +51,9 @@ RENAMED = {
     "train.batch_size": "sft.batch_size (RL's warm start: warm_start.sft.batch_size)",
     "rl.num_steps": "loop.num_steps", "rl.optimizer": "optimizer",
     "verifier.num_steps": "loop.num_steps", "verifier.optimizer": "optimizer",
+    "rl.process_reward.verifier": "rl.process_reward.options.verifier (with "
+                                  "rl.process_reward.function=prm)",
+    "rl.process_reward.batch_size": "rl.process_reward.options.batch_size",
 }
 
 

@@ -30,7 +30,8 @@ from o3lite.parallel import mesh as sharding_lib
 from o3lite.training import state as train_state_lib
 from o3lite.rl import rewards as rewards_lib
 from o3lite.rl import rollouts
-from o3lite.sampling import sampler as sampling
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 
 AXES = ("data", "fsdp", "tensor")
 MESH_SHAPE = (2, 2, 1)  # data x fsdp over the 4 global devices of two processes.
@@ -102,24 +103,23 @@ def reward_rounds(state, mesh) -> dict:
       raise RuntimeError("reward bug on process 0")
     return 1.0
 
-  scorer = rewards_lib.RewardScorer({"judge": 1.0, "flaky": 0.5}, None, rewards=table)
+  scorer = rewards_lib.RewardScorer({"judge": 1.0, "flaky": 0.5}, rewards_lib.RewardContext(),
+                                    rewards=table)
   examples = [{"question": f"q{i % 2}", "answer": "2"} for i in range(4)]
   direct = scorer.score(examples, ["a", "b", "c", "d"], [1, 2, 3, 4], max_tokens=8)
 
   model_cfg = model_lib.ModelConfig.tiny(vocab_size=64)
-  tokenizer = types.SimpleNamespace(encode=lambda text: [3 + len(text) % 50, 4, 5],
+  tokenizer = types.SimpleNamespace(eos_id=1, pad_id=0,
+                                    encode=lambda text: [3 + len(text) % 50, 4, 5],
                                     decode=lambda tokens: " ".join(map(str, tokens)))
   stream = rollouts.PromptStream([{"question": f"q{i}", "cot": "", "answer": "2"}
                                   for i in range(4)], tokenizer, seed=0, max_prompt_len=8)
-  rl_cfg = ml_collections.ConfigDict(dict(
-      prompts_per_step=2, group_size=2, max_sampling_rounds=3, dynamic_sampling=True,
-      max_new_tokens=4))
-  run = types.SimpleNamespace(config=ml_collections.ConfigDict({"rl": rl_cfg}),
-                              model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh,
-                              rules=RULES)
-  scfg = sampling.SamplingConfig(max_new_tokens=4, eos_id=1, prompt_bucket=8,
-                                 temperature=1.0, num_samples=2)
-  groups, position, stats = rollouts.sample_groups(run, state, stream, 0, 0, scorer, scfg)
+  settings = rollouts.RolloutSettings(prompts_per_step=2, group_size=2, max_new_tokens=4,
+                                      dynamic_sampling=True, max_sampling_rounds=3)
+  policy = policy_lib.Policy(state.params["policy"], model_cfg, tokenizer, mesh, RULES)
+  groups, position, stats = rollouts.sample_groups(
+      policy, settings, draws.Sampling(max_new_tokens=4, temperature=1.0, prompt_bucket=8),
+      stream, 0, jax.random.fold_in(state.rng, 0), scorer)
   scorer.close()
   return {"direct": {"total": direct.total.tolist(), "failures": direct.failures,
                      "timeouts": direct.timeouts},

@@ -232,8 +232,8 @@ def test_jsonl_metadata_reaches_a_reward_function(tmp_path):
         example.get("step_labels", []))
 
   examples = [by_question["q3?"], by_question["q2?"]]
-  scores = rewards_lib.RewardScorer({"follows_spec": 1.0}, lambda a, t: a == t,
-                                    rewards=table).score(
+  context = rewards_lib.RewardContext(lambda a, t: a == t)
+  scores = rewards_lib.RewardScorer({"follows_spec": 1.0}, context, rewards=table).score(
       examples, ["Cite rule", "Cite rule"], [1, 1], max_tokens=4)
   assert scores.total.tolist() == [2.0, 0.0]
   assert scores.failures == 0

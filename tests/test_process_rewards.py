@@ -79,7 +79,8 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
       **_data_of(tiny_run), "init_from": tiny_run, "loop.num_steps": 2,
       "rl.prompts_per_step": 8, "rl.group_size": 4, "rl.minibatch_size": 16,
       "rl.max_new_tokens": 24, "loop.log_every": 1, "loop.checkpoint_every": 2,
-      "rl.advantage": advantage, "rl.process_reward.verifier": tiny_prm,
+      "rl.advantage": advantage, "rl.process_reward.function": "prm",
+      "rl.process_reward.options.verifier": tiny_prm,
       "rl.process_reward.mode": "difference", "rl.rewards.correctness": 0.0,
       "eval.num_examples": 8, "eval.batch_size": 8, "eval.max_new_tokens": 24,
       "eval.num_samples": 0, "mesh.shape": (4, 2, 1)})
@@ -99,12 +100,29 @@ def test_rl_with_process_rewards_from_a_frozen_prm(tiny_run, tiny_prm, tmp_path,
     assert m["advantage_std"] > 0 and m["update_norm"] > 0
 
 
+PRM = {"rl.process_reward.function": "prm"}
+
+
 def test_process_reward_config_errors(tiny_run, tiny_prm):
   base = {**_data_of(tiny_run), "init_from": tiny_run}
   # The rl section's own check, and the whole pre-run check, say the same.
   for validate in (rl_trainer.validate_rl, stage_lib.validate):
     with pytest.raises(errors.ConfigError, match="is not a verifier run folder"):
-      validate(_set(rl_config.get_config(), {**base, "rl.process_reward.verifier": tiny_run}))
+      validate(_set(rl_config.get_config(), {
+          **base, **PRM, "rl.process_reward.options.verifier": tiny_run}))
+    with pytest.raises(errors.ConfigError, match="^rl.process_reward.options.verifier is "
+                       "empty"):
+      validate(_set(rl_config.get_config(), {**base, **PRM}))
+    with pytest.raises(errors.ConfigError, match="^unknown step reward 'prn'"):
+      validate(_set(rl_config.get_config(), {**base, "rl.process_reward.function": "prn"}))
     with pytest.raises(errors.ConfigError, match="process reward mode 'max'"):
       validate(_set(rl_config.get_config(), {
-          **base, "rl.process_reward.verifier": tiny_prm, "rl.process_reward.mode": "max"}))
+          **base, **PRM, "rl.process_reward.options.verifier": tiny_prm,
+          "rl.process_reward.mode": "max"}))
+  # A config written before the step rewards were registered names the new fields.
+  old = _set(rl_config.get_config(), base)
+  old.rl.process_reward.verifier = tiny_prm
+  with pytest.raises(errors.ConfigError, match=r"^rl.process_reward.verifier was replaced "
+                     r"by rl.process_reward.options.verifier \(with "
+                     r"rl.process_reward.function=prm\)$"):
+    stage_lib.validate(old)

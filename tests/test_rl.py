@@ -47,13 +47,16 @@ def test_rollout_batch_layout():
     pipeline.rollout_batch([[5, 6, 7]], [[9, 10]], [True], 4, 1, 0)
 
 
+# The reward context of these tests: the answer checker is string equality.
+EQUAL = rewards_lib.RewardContext(lambda answer, target: answer == target)
+
+
 def _examples(n, **metadata):
   return [{"question": f"q{i}", "cot": "", "answer": "2", **metadata} for i in range(n)]
 
 
 def test_rewards_and_a_reward_function_that_raises_or_hangs():
-  checker = lambda answer, target: answer == target
-  scorer = rewards_lib.RewardScorer({"correctness": 1.0, "format": 0.5}, checker)
+  scorer = rewards_lib.RewardScorer({"correctness": 1.0, "format": 0.5}, EQUAL)
   texts = ["<think>1+1=2</think>2", "<think>1+1=3</think>3", "<think>1+1", "2"]
   scores = scorer.score(_examples(4), texts, [5, 5, 3, 1], max_tokens=10)
   assert scores.parts["correctness"].tolist() == [1.0, 0.0, 0.0, 0.0]
@@ -79,7 +82,7 @@ def test_rewards_and_a_reward_function_that_raises_or_hangs():
       release.wait(5)
     return 1.0
 
-  scorer = rewards_lib.RewardScorer({"raises": 1.0, "hangs": 1.0}, checker, timeout_s=0.2,
+  scorer = rewards_lib.RewardScorer({"raises": 1.0, "hangs": 1.0}, EQUAL, timeout_s=0.2,
                                     rewards=table)
   scores = scorer.score(_examples(5), ["ok", "boom", "slow", "ok", "nan"], [1] * 5, 1)
   # A call that raises or returns NaN scores 0; the other function still counts.
@@ -88,7 +91,7 @@ def test_rewards_and_a_reward_function_that_raises_or_hangs():
   release.set()
   scorer.close()
   with pytest.raises(errors.O3liteError, match=r"unknown reward function\(s\) \['corectness'\]"):
-    rewards_lib.RewardScorer({"corectness": 1.0}, checker)
+    rewards_lib.RewardScorer({"corectness": 1.0}, EQUAL)
 
 
 def test_a_reward_function_reads_the_question_and_the_metadata():
@@ -101,7 +104,7 @@ def test_a_reward_function_reads_the_question_and_the_metadata():
         example["question"] == "q1")
 
   examples = _examples(2, spec="rule 7")
-  scores = rewards_lib.RewardScorer({"cites_spec": 2.0}, lambda a, t: a == t,
+  scores = rewards_lib.RewardScorer({"cites_spec": 2.0}, EQUAL,
                                     rewards=table).score(
       examples, ["by rule 7", "no rule"], [3, 5], max_tokens=8)
   np.testing.assert_array_equal(scores.parts["cites_spec"], np.float32([1.03, 1.05]))
@@ -124,7 +127,7 @@ def test_a_batched_reward_function_scores_a_round_in_one_call():
 
   table.register("format")(rewards_lib.format_reward)
   assert table.batched == {"judge"}
-  scorer = rewards_lib.RewardScorer({"judge": 1.0, "format": 1.0}, lambda a, t: a == t,
+  scorer = rewards_lib.RewardScorer({"judge": 1.0, "format": 1.0}, EQUAL,
                                     rewards=table)
   assert scorer.batched == {"judge"}
   examples = _examples(3)
@@ -148,7 +151,8 @@ def test_a_batched_call_past_its_timeout_scores_zero_for_all_its_completions():
   table = rewards_lib.RewardRegistry()
   table.register("hangs", batched=True)(lambda examples, completions, **_: (
       release.wait(5), [1.0] * len(completions))[1])
-  scorer = rewards_lib.RewardScorer({"hangs": 1.0}, None, timeout_s=0.05, rewards=table)
+  scorer = rewards_lib.RewardScorer({"hangs": 1.0}, rewards_lib.RewardContext(),
+                                    timeout_s=0.05, rewards=table)
   started = time.time()
   scores = scorer.score(_examples(3), ["a", "b", "c"], [1] * 3, 1)
   assert 0.15 <= time.time() - started < 2  # n x timeout_s for a batch of n.

@@ -3,6 +3,8 @@ step (step counts, evaluation and labelling sizes cut to the least that still ru
 part), so a config that cannot run fails here, not on a user's machine."""
 
 import importlib
+import os
+import shutil
 
 import ml_collections
 import pytest
@@ -58,3 +60,33 @@ def test_shipped_config_runs(name, data_dir, tmp_path):
     rl = config.rl
     updates = rl.epochs * rl.prompts_per_step * rl.group_size // rl.minibatch_size
   assert result["step"] == updates and result["metrics"]
+
+
+def test_rl_qwen_gsm8k_builds_and_steps_at_a_tiny_shape(smollm2_dir, data_dir, tmp_path):
+  """configs/rl_qwen_gsm8k.py starts from a Qwen2.5 folder this machine does not have:
+  a random Qwen2 of 2 layers, width 64, with QKV biases, on SmolLM2's real BPE tokenizer
+  (49,152 tokens + the think delimiters) stands in. Everything else is the config's own
+  (GSM8K as shipped, its prompt length, bf16 compute, remat, 4 microbatches, vocabulary
+  chunks, DAPO's dynamic sampling, the eval's samples) but the sizes of a step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  folder = str(tmp_path / "qwen2")
+  torch.manual_seed(0)
+  transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=49_152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True,
+      max_position_embeddings=1024)).save_pretrained(folder)
+  for name in os.listdir(smollm2_dir):
+    if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+      shutil.copy(os.path.join(smollm2_dir, name), folder)
+  config = tiny_steps(importlib.import_module("configs.rl_qwen_gsm8k").get_config(), data_dir)
+  # 4 prompts x 8 (the config's group size): 32 rows, 4 microbatches of 8, one per
+  # simulated device.
+  set_fields(config, {"init_from": folder, "rl.prompts_per_step": 4, "rl.max_new_tokens": 8,
+                      "eval.max_new_tokens": 8, "eval.num_samples": 2})
+  assert config.rl.grad_accum_steps == 4 and config.rl.vocab_chunk < 49_152
+  assert config.rl.minibatch_size == 32 and config.rl.group_size == 8
+  result = stages.run(config, str(tmp_path / "run"))
+  assert result["stage"] == "rl" and result["step"] == 1
+  assert {"before", "after"} <= set(result)

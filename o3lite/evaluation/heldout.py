@@ -8,6 +8,7 @@ problem, mean chain-of-thought length, and greedy accuracy per thinking budget.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import jax
 import numpy as np
 
 from o3lite.data import formatting
-from o3lite.sampling import sampler as sampling
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 
 Checker = Callable[[str | None, str], bool]
 
@@ -50,23 +52,42 @@ def _ks(n: int) -> list[int]:
   return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n}) if n else []
 
 
-def evaluate(params, model_cfg, examples: Sequence[dict], tokenizer, checker: Checker,
-             eval_cfg, split: str, mesh=None, rules=None,
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What a held-out evaluation measures (a run config's `eval` section, read once by the
+  stage: `EvalSettings.of(config.eval)`)."""
+
+  max_new_tokens: int = 64  # Cap on generated tokens.
+  batch_size: int = 128  # Prompts decoded together.
+  num_samples: int = 0  # Samples per problem for pass@k / maj@k (0 = greedy only).
+  temperature: float = 1.0  # Temperature of those samples.
+  top_p: float = 1.0
+  seed: int = 0  # Seed of those samples.
+  think_budgets: tuple[int, ...] = ()  # Greedy accuracy with the thinking capped at each.
+
+  @classmethod
+  def of(cls, section) -> "EvalSettings":
+    """The fields of a config section (other keys, such as `split`, are not read)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in dict(section).items() if k in names}
+    fields["think_budgets"] = tuple(int(b) for b in fields.get("think_budgets", ()))
+    return cls(**fields)
+
+
+def evaluate(policy: policy_lib.Policy, examples: Sequence[dict], checker: Checker,
+             settings: EvalSettings, split: str,
              rng: jax.Array | None = None) -> tuple[dict[str, Any], list[dict]]:
-  """All held-out metrics of `eval_cfg` (the `eval` section of a run config)."""
+  """All held-out metrics of `settings` on `examples`, and one record per problem."""
+  tokenizer = policy.tokenizer
   prompts_text = [formatting.format_prompt(ex["question"]) for ex in examples]
   prompts = [tokenizer.encode(p) for p in prompts_text]
-  base = sampling.SamplingConfig(max_new_tokens=eval_cfg.max_new_tokens,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                 think_end_id=tokenizer.think_end_id)
-  run = lambda cfg, key=None: sampling.sample(params, prompts, model_cfg, cfg,
-                                              eval_cfg.batch_size, key, mesh, rules)
-  grade = lambda text: (formatting.parse_answer(text), text)
+  greedy = draws.Sampling(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+  run = lambda sampling, n=1, key=None: draws.draw(policy, prompts, n, sampling, key,
+                                                   problems_per_call=settings.batch_size)
 
-  greedy = [s[0] for s in run(base)]
   samples, correct = [], []
-  for prompt, completion, ex in zip(prompts_text, greedy, examples):
-    answer, text = grade(tokenizer.decode(completion.tokens))
+  for prompt, d, ex in zip(prompts_text, run(greedy), examples):
+    completion, text, answer = d.completions[0], d.texts[0], d.answers[0]
     correct.append(bool(checker(answer, ex["answer"])))
     samples.append({"prompt": prompt, "completion": text, "answer": answer,
                     "target": ex["answer"], "correct": correct[-1],
@@ -82,31 +103,26 @@ def evaluate(params, model_cfg, examples: Sequence[dict], tokenizer, checker: Ch
       "mean_thinking_tokens": float(np.mean([s["thinking_tokens"] for s in samples])),
   }
 
-  n = eval_cfg.num_samples
+  n = settings.num_samples
   if n:
-    cfg = sampling.SamplingConfig(**{**base.__dict__, "temperature": eval_cfg.temperature,
-                                     "top_p": eval_cfg.top_p, "num_samples": n})
-    key = jax.random.PRNGKey(eval_cfg.seed) if rng is None else rng
-    drawn = run(cfg, key)
+    sampled = greedy.replace(temperature=settings.temperature, top_p=settings.top_p)
+    key = jax.random.PRNGKey(settings.seed) if rng is None else rng
     per_problem = []
-    for sample_list, ex, record in zip(drawn, examples, samples):
-      answers = [formatting.parse_answer(tokenizer.decode(s.tokens)) for s in sample_list]
-      hits = [bool(checker(a, ex["answer"])) for a in answers]
-      record["sample_answers"] = answers
-      per_problem.append((answers, hits))
+    for d, ex, record in zip(run(sampled, n, key), examples, samples):
+      hits = [bool(checker(a, ex["answer"])) for a in d.answers]
+      record["sample_answers"] = d.answers
+      per_problem.append((d.answers, hits))
     for k in _ks(n):
       metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(h), k) for _, h in per_problem]))
       metrics[f"maj@{k}"] = float(np.mean([
           checker(majority_answer(a[:k]), ex["answer"])
           for (a, _), ex in zip(per_problem, examples)]))
-    metrics["sample_temperature"] = eval_cfg.temperature
+    metrics["sample_temperature"] = settings.temperature
 
-  for budget in eval_cfg.think_budgets:
-    cfg = sampling.SamplingConfig(**{**base.__dict__, "think_budget": int(budget)})
-    outs = [s[0] for s in run(cfg)]
-    hits = [checker(formatting.parse_answer(tokenizer.decode(o.tokens)), ex["answer"])
-            for o, ex in zip(outs, examples)]
-    metrics[f"accuracy@think_budget={int(budget)}"] = float(np.mean(hits))
+  for budget in settings.think_budgets:
+    hits = [checker(d.answers[0], ex["answer"])
+            for d, ex in zip(run(greedy.replace(think_budget=budget)), examples)]
+    metrics[f"accuracy@think_budget={budget}"] = float(np.mean(hits))
   return metrics, samples
 
 

@@ -21,6 +21,22 @@ read. A batched function scores a whole sampling round in one call (a model judg
 with lists in place of the single values: `examples[i]` is the example of
 `completions[i]`, a group's completions are adjacent, and `num_tokens` is a list too.
 
+A reward that needs the run (a model judge loads a model on the run's mesh and reads
+its tokenizer) is registered as a factory: called once, when the run starts, with the
+run's `RewardContext` and its options from the config (`rl.reward_options[name]`); it
+returns the reward function (single or batched, as registered):
+
+  @register_reward("judge", batched=True, factory=True)
+  def judge(context, *, path, **_):
+    judge = context.load_policy(path)          # a run folder or a Hugging Face folder
+    return lambda examples, completions, **_: score_with(judge, examples, completions)
+
+Per-step rewards (`STEP_REWARDS`: a PRM's process reward) are factories of the same
+shape, `factory(context, **options)`, whose function scores sampled completions in the
+policy's tokens, `fn(prompts, completions) -> [StepRewards(ends, scores)]`: each step's
+last token (its index in the completion) and that step's reward. The learner places
+them at those tokens (rollouts.process_rewards).
+
 `RewardScorer` sums the configured functions with their weights. Failures never stop
 training: a call that raises, returns a value that is not a finite number or runs past its
 timeout scores 0 for its completions, which are counted (`failures`, `timeouts`: in
@@ -42,7 +58,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -52,28 +69,94 @@ from o3lite import errors
 from o3lite.data import formatting
 from o3lite.parallel import multiprocess
 from o3lite.registry import Registry
+from o3lite.training import policy_source
+from o3lite.training import run_folder
+from o3lite.verifiers import reward_model
+from o3lite.verifiers import run as verifier_run
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardContext:
+  """What a reward factory is given: the run's answer checker, tokenizer and placement,
+  and loaders for other models on the same mesh (a judge, a frozen PRM)."""
+
+  checker: Callable | None = None  # checker(predicted, target) -> bool of the task.
+  tokenizer: Any = None  # The policy's tokenizer.
+  mesh: jax.sharding.Mesh | None = None
+  rules: Any = None
+  model_fields: Any = None  # The run's `model` section (a Hugging Face model's dtype).
+
+  def load_policy(self, path: str, field: str = "rl.reward_options") -> Any:
+    """A policy (run folder or local Hugging Face folder) as a `Policy` on this mesh."""
+    return policy_source.load(path, self.model_fields, self.mesh, self.rules, field)
+
+  def load_verifier(self, path: str, batch_size: int) -> Any:
+    """The trained reward model of a verifier run folder, on this mesh's shape."""
+    shape = None if self.mesh is None else tuple(self.mesh.devices.shape)
+    return verifier_run.load_verifier(path, batch_size, shape)
 
 
 class RewardRegistry(Registry):
-  """Reward functions by name; `batched` holds the names of those that score lists."""
+  """Reward functions (or their factories) by name; `batched` holds the names of those
+  that score lists, `factories` those registered as factories."""
 
-  def __init__(self):
-    super().__init__("reward function")
+  def __init__(self, what: str = "reward function"):
+    super().__init__(what)
     self.batched: set[str] = set()
+    self.factories: set[str] = set()
+    self.validators: dict[str, Callable] = {}
 
-  def register(self, name: str, batched: bool = False):
+  def register(self, name: str, batched: bool = False, factory: bool = False,
+               validate: Callable | None = None):
     """Decorator registering `fn` under `name`; `batched=True`: it scores a whole round
-    (`fn(examples, completions, ...) -> list[float]`, see the module docstring)."""
+    (`fn(examples, completions, ...) -> list[float]`); `factory=True`: it is called as
+    `fn(context, **options)` and returns the reward function. `validate(**options)`, if
+    given, checks a config's options before the run starts (a ConfigError)."""
     wrap = super().register(name)
     def register_fn(fn):
       if batched:
         self.batched.add(name)
+      if factory:
+        self.factories.add(name)
+      if validate is not None:
+        self.validators[name] = validate
       return wrap(fn)
     return register_fn
+
+  def check_options(self, name: str, options: Mapping) -> None:
+    """A ConfigError for options a reward does not take (or that its validator rejects)."""
+    if name not in self.factories and options:
+      raise errors.ConfigError(f"{self.what} {name!r} takes no options; got "
+                               f"{sorted(options)}")
+    if name in self.validators:
+      self.validators[name](**options)
+
+  def build(self, name: str, context: RewardContext, options: Mapping | None = None
+            ) -> Callable:
+    """The function of `name`: itself, or its factory's result for `context`."""
+    fn = self.lookup(name)
+    options = dict(options or {})
+    self.check_options(name, options)
+    if name not in self.factories:
+      return fn
+    try:
+      return fn(context, **options)
+    except TypeError as e:  # A missing or unknown option of the factory.
+      raise errors.ConfigError(f"{self.what} {name!r}: {e}") from e
 
 
 REWARDS = RewardRegistry()
 register_reward = REWARDS.register
+# Per-step rewards: factories returning fn(prompts, completions) -> list[StepRewards].
+STEP_REWARDS = RewardRegistry("step reward")
+
+
+@dataclasses.dataclass
+class StepRewards:
+  """One completion's per-step rewards."""
+
+  ends: list[int]  # Index in the completion of each step's last token.
+  scores: list[float]  # Each step's reward (a PRM: P(step correct | steps so far)).
 
 
 @register_reward("correctness")
@@ -99,6 +182,40 @@ def length_penalty(example: Mapping, completion: str, *, num_tokens: int,
   return -float(num_tokens) / max(max_tokens, 1)
 
 
+PRM_FIELD = "rl.process_reward.options.verifier"
+
+
+def check_prm(verifier: str = "", batch_size: int = 64) -> None:
+  """The "prm" step reward's options: a verifier run folder holding a PRM."""
+  if not verifier:
+    raise errors.ConfigError(f"{PRM_FIELD} is empty: the \"prm\" step reward needs a "
+                             "PRM's run folder (configs/prm.py)")
+  if not os.path.isdir(verifier) or run_folder.saved_method(verifier) != "verifier":
+    raise errors.ConfigError(f"{PRM_FIELD}={verifier} is not a verifier run folder "
+                             "(configs/prm.py)")
+  if run_folder.load_config(verifier).verifier.kind != "prm":
+    raise errors.ConfigError(f"{PRM_FIELD}={verifier} holds an ORM: process rewards "
+                             "need a PRM")
+  if batch_size < 1:
+    raise errors.ConfigError("rl.process_reward.options.batch_size must be at least 1")
+
+
+@STEP_REWARDS.register("prm", factory=True, validate=check_prm)
+def prm_step_rewards(context: RewardContext, *, verifier: str, batch_size: int = 64):
+  """A frozen PRM's score of every sampled step (process supervision: Lightman et al.
+  2023; as RL rewards, Wang et al. 2024 "Math-Shepherd" and DeepSeekMath), read in the
+  policy's own tokens, so the PRM must share the policy's tokenizer."""
+  prm = context.load_verifier(verifier, batch_size)
+  reward_model.check_same_tokenizer(prm.tokenizer, context.tokenizer,
+                                    f"{PRM_FIELD}={verifier}")
+
+  def score(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+            ) -> list[StepRewards]:
+    return [StepRewards(list(ends), [float(p) for p in probs])
+            for ends, probs in prm.score_sampled(prompts, completions)]
+  return score
+
+
 @dataclasses.dataclass
 class Scores:
   total: np.ndarray  # [N] float32: the weighted sum per completion.
@@ -108,8 +225,10 @@ class Scores:
 
 
 def validate_weights(weights: Mapping[str, float],
-                     table: Mapping[str, Callable] | None = None) -> None:
-  """A ConfigError for unknown reward names or an empty set of rewards."""
+                     table: RewardRegistry | None = None,
+                     options: Mapping[str, Mapping] | None = None) -> None:
+  """A ConfigError for unknown reward names, an empty set of rewards, or options for a
+  reward that is not weighted or does not take them."""
   table = REWARDS if table is None else table
   unknown = sorted(set(weights) - set(table))
   if unknown:
@@ -118,20 +237,26 @@ def validate_weights(weights: Mapping[str, float],
   if not weights:
     raise errors.ConfigError(
         "rl.rewards is empty: give at least one reward function a weight")
+  for name, opts in (options or {}).items():
+    if name not in weights:
+      raise errors.ConfigError(f"rl.reward_options.{name}: {name!r} is not in rl.rewards")
+    table.check_options(name, dict(opts))
 
 
 class RewardScorer:
   """Scores completions with weighted reward functions on process 0, isolating their
   failures; every process gets process 0's scores (see the module docstring)."""
 
-  def __init__(self, weights: Mapping[str, float], checker, timeout_s: float = 5.0,
-               rewards: RewardRegistry | None = None):
+  def __init__(self, weights: Mapping[str, float], context: RewardContext,
+               timeout_s: float = 5.0, rewards: RewardRegistry | None = None,
+               options: Mapping[str, Mapping] | None = None):
     table = REWARDS if rewards is None else rewards
-    validate_weights(weights, table)
-    self.fns = {name: table[name] for name in weights}
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    validate_weights(weights, table, options)
+    self.fns = {name: table.build(name, context, options.get(name)) for name in weights}
     self.batched = {name for name in weights if name in table.batched}
     self.weights = dict(weights)
-    self.checker = checker
+    self.checker = context.checker
     self.timeout_s = timeout_s
     self._reported: set[str] = set()  # Functions whose first failure is logged.
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)

@@ -6,7 +6,8 @@ self-improvement stages sample and score the same way.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -16,7 +17,8 @@ from o3lite.data import batching
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
 from o3lite.rl import rewards as rewards_lib
-from o3lite.sampling import sampler as sampling
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 
 
 class PromptStream:
@@ -47,47 +49,57 @@ class PromptStream:
     return indices, position + n
 
 
-def sample_groups(run, state, stream: PromptStream, position: int, step: int,
-                   scorer: rewards_lib.RewardScorer, scfg: sampling.SamplingConfig):
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """What a step samples (the `rl` section's rollout fields, read once by the stage)."""
+
+  prompts_per_step: int
+  group_size: int  # Completions per prompt.
+  max_new_tokens: int
+  dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill.
+  max_sampling_rounds: int = 1
+
+
+def sample_groups(policy: policy_lib.Policy, settings: RolloutSettings,
+                  sampling: draws.Sampling, stream: PromptStream, position: int,
+                  key: jax.Array, scorer: rewards_lib.RewardScorer,
+                  step_reward: Callable | None = None):
   """`prompts_per_step` groups of `group_size` completions of the stream's next prompts,
-  sampled from `state.params["policy"]`, decoded and scored; with dynamic sampling
-  (DAPO) groups whose rewards are all equal are dropped and refilled, up to
-  `max_sampling_rounds`. `run` gives the config, model, tokenizer and mesh. Returns
-  (group records, stream position after them, counts); with a frozen PRM (`run.prm`)
-  the returned groups' steps are scored, once (not the groups dropped). Every process
+  sampled from `policy` (`draws.draw`, key `key` folded with the round), decoded and
+  scored; with dynamic sampling (DAPO) groups whose rewards are all equal are dropped
+  and refilled, up to `max_sampling_rounds`. Returns (group records, stream position
+  after them, counts); with a step reward (`rewards.STEP_REWARDS`, a frozen PRM) the
+  returned groups' steps are scored, once (not the groups dropped). Every process
   samples the same global batch and gets process 0's scores (`RewardScorer.score`), so
   every process keeps the same groups and takes the same number of rounds."""
-  rl_cfg = run.config.rl
-  want, G = rl_cfg.prompts_per_step, rl_cfg.group_size
+  want, G = settings.prompts_per_step, settings.group_size
   kept: list[dict] = []
   stats = {"reward_failures": 0, "reward_timeouts": 0, "dropped_groups": 0,
            "sampling_rounds": 0}
   first_round: list[dict] = []  # Fallback when too few groups are informative.
-  for round_index in range(max(rl_cfg.max_sampling_rounds, 1)):
+  for round_index in range(max(settings.max_sampling_rounds, 1)):
     indices, position = stream.take(position, want)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, step), round_index)
     prompts = [stream.prompts[i] for i in indices]
-    drawn = sampling.sample(state.params["policy"], prompts, run.model_cfg, scfg, want,
-                            key, run.mesh, run.rules)
-    examples, texts, lengths, groups = [], [], [], []
-    for i, prompt, group in zip(indices, prompts, drawn):
-      for c in group:
-        examples.append(stream.examples[i])
-        texts.append(run.tokenizer.decode(c.tokens))
-        lengths.append(len(c.tokens) + int(c.finished))
-      groups.append((prompt, group))
+    drawn = draws.draw(policy, prompts, G, sampling, jax.random.fold_in(key, round_index),
+                       problems_per_call=want)
+    examples, texts, lengths = [], [], []
+    for i, d in zip(indices, drawn):
+      examples += [stream.examples[i]] * G
+      texts += d.texts
+      lengths += d.generated_tokens
     # Scored on process 0, the same on every process: so are `keep` and the rounds.
-    scores = scorer.score(examples, texts, lengths, rl_cfg.max_new_tokens + 1)
+    scores = scorer.score(examples, texts, lengths, settings.max_new_tokens + 1)
     stats["reward_failures"] += scores.failures
     stats["reward_timeouts"] += scores.timeouts
     stats["sampling_rounds"] += 1
     total = scores.total
-    keep = (alg.informative_groups(total, G) if rl_cfg.dynamic_sampling
+    keep = (alg.informative_groups(total, G) if settings.dynamic_sampling
             else np.ones(want, bool))
     stats["dropped_groups"] += int(np.sum(~keep))
     correct = np.asarray(scores.parts.get("correctness", [np.nan] * len(total)))
-    for g, (prompt, group) in enumerate(groups):
-      record = {"prompt": prompt, "group": group, "scores": total[g * G:(g + 1) * G],
+    for g, d in enumerate(drawn):
+      record = {"prompt": d.prompt, "group": d.completions,
+                "scores": total[g * G:(g + 1) * G],
                 "correct": correct[g * G:(g + 1) * G], "steps": [None] * G}
       if round_index == 0:
         first_round.append(record)
@@ -98,9 +110,9 @@ def sample_groups(run, state, stream: PromptStream, position: int, step: int,
   if len(kept) < want:  # Not enough informative groups: top up with the first round's.
     kept += [r for r in first_round if not any(r is k for k in kept)][:want - len(kept)]
   kept = kept[:want]
-  if getattr(run, "prm", None) is not None:  # The frozen PRM scores the kept groups' steps.
-    steps = run.prm.score_sampled([r["prompt"] for r in kept for _ in r["group"]],
-                                  [c.tokens for r in kept for c in r["group"]])
+  if step_reward is not None:  # Per-step rewards of the kept groups' completions.
+    steps = step_reward([r["prompt"] for r in kept for _ in r["group"]],
+                        [c.tokens for r in kept for c in r["group"]])
     for g, record in enumerate(kept):
       record["steps"] = steps[g * G:(g + 1) * G]
   return kept, position, stats
@@ -121,15 +133,16 @@ def score_in_minibatches(score_fn, state, batch, size: int, batch_sharding):
 def process_rewards(groups: Sequence[dict], mask: np.ndarray, mode: str
                     ) -> tuple[np.ndarray, np.ndarray, list[float]]:
   """(step rewards [B, T] at each step's last token in the learner's target positions,
-  their mask, every PRM step score) of groups sampled with a PRM (`record["steps"]`)."""
+  their mask, every step score) of groups sampled with a step reward (`record["steps"]`,
+  one `rewards.StepRewards` per completion)."""
   rewards, where, scores = np.zeros_like(mask), np.zeros_like(mask), []
   rows = [(r["prompt"], s) for r in groups for s in r["steps"]]
-  for b, (prompt, (ends, probs)) in enumerate(rows):
-    for end, r in zip(ends, alg.step_rewards(probs, mode)):
+  for b, (prompt, steps) in enumerate(rows):
+    for end, r in zip(steps.ends, alg.step_rewards(steps.scores, mode)):
       t = len(prompt) - 1 + end  # The target position of completion token `end`.
       rewards[b, t] += r
       where[b, t] = 1.0
-    scores += list(probs)
+    scores += list(steps.scores)
   return rewards, where, scores
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -32,15 +32,13 @@ from o3lite.rl import algorithms as alg
 from o3lite.rl import learner
 from o3lite.rl import rewards as rewards_lib
 from o3lite.rl import rollouts
-from o3lite.sampling import sampler as sampling
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 from o3lite.training import losses
 from o3lite.training import optimizer as optimizer_lib
-from o3lite.training import run_folder
 from o3lite.training import sft as sft_lib
 from o3lite.training import stage as stage_lib
 from o3lite.training import step as step_lib
-from o3lite.verifiers import reward_model
-from o3lite.verifiers import run as verifier_run
 
 WARM_START_DIR = "sft"
 
@@ -77,34 +75,52 @@ def validate_rl(config: ml_collections.ConfigDict) -> None:
   if not (rl_cfg.value_learning_rate >= 0):
     raise errors.ConfigError(f"rl.value_learning_rate={rl_cfg.value_learning_rate} must "
                              "be a number >= 0")
-  rewards_lib.validate_weights(dict(rl_cfg.rewards))
+  rewards_lib.validate_weights(dict(rl_cfg.rewards), options=_options(rl_cfg.reward_options))
   if rl_cfg.vocab_chunk < 0:
     raise errors.ConfigError(f"rl.vocab_chunk={rl_cfg.vocab_chunk} must be >= 0")
   process = rl_cfg.process_reward
-  if process.verifier:
-    if run_folder.saved_method(process.verifier) != "verifier" \
-        if os.path.isdir(process.verifier) else True:
-      raise errors.ConfigError(f"rl.process_reward.verifier={process.verifier} is not a "
-                               "verifier run folder (configs/prm.py)")
-    if run_folder.load_config(process.verifier).verifier.kind != "prm":
-      raise errors.ConfigError(f"rl.process_reward.verifier={process.verifier} holds an "
-                               "ORM: process rewards need a PRM")
+  if process.function:
+    rewards_lib.STEP_REWARDS.lookup(process.function)
+    rewards_lib.STEP_REWARDS.check_options(process.function, dict(process.options))
     alg.step_rewards([], process.mode)
-    if process.batch_size < 1:
-      raise errors.ConfigError("rl.process_reward.batch_size must be at least 1")
+
+
+def _options(section) -> dict[str, dict]:
+  """`rl.reward_options` as plain dicts: {reward name: its factory's options}."""
+  return {name: dict(opts) for name, opts in dict(section).items()}
 
 
 @dataclasses.dataclass
 class RLRun:
-  """What one RL step reads (rollouts.sample_groups): settings, model, mesh, PRM."""
+  """What one RL step reads: the run's model, tokenizer and mesh, its algorithm and
+  rollout settings, read once from the `rl` section (`run_settings`)."""
 
-  config: ml_collections.ConfigDict
   tokenizer: Any
   model_cfg: model_lib.ModelConfig
   mesh: jax.sharding.Mesh
   rules: tuple
   algo: alg.RLAlgoConfig
-  prm: Any = None  # The frozen PRM (reward_model.Verifier) of process rewards, or None.
+  rollout: rollouts.RolloutSettings
+  sampling: draws.Sampling
+  step_reward: Callable | None = None  # fn(prompts, completions) -> [StepRewards], or None.
+
+
+def run_settings(rl_cfg) -> tuple[rollouts.RolloutSettings, draws.Sampling]:
+  """The rollout and sampling settings of the `rl` section."""
+  rollout = rollouts.RolloutSettings(
+      prompts_per_step=rl_cfg.prompts_per_step, group_size=rl_cfg.group_size,
+      max_new_tokens=rl_cfg.max_new_tokens, dynamic_sampling=rl_cfg.dynamic_sampling,
+      max_sampling_rounds=rl_cfg.max_sampling_rounds)
+  sampling = draws.Sampling(max_new_tokens=rl_cfg.max_new_tokens,
+                            temperature=rl_cfg.temperature,
+                            prompt_bucket=rl_cfg.max_prompt_len)
+  return rollout, sampling
+
+
+def reward_context(ctx: stage_lib.Context) -> rewards_lib.RewardContext:
+  """What the run's reward factories are given."""
+  return rewards_lib.RewardContext(sources.get_checker(ctx.config.data), ctx.tokenizer,
+                                   ctx.mesh, ctx.rules, ctx.config.model)
 
 
 def state_spec(ctx: stage_lib.Context, algo: alg.RLAlgoConfig):
@@ -118,18 +134,6 @@ def state_spec(ctx: stage_lib.Context, algo: alg.RLAlgoConfig):
   tx, _ = optimizer_lib.make_optimizer(ctx.config.optimizer,
                                        ctx.config.loop.num_steps * updates_per_step, trees)
   return learner.state_spec(ctx.model_cfg, tx, algo.uses_critic, ctx.mesh, ctx.rules), tx
-
-
-def frozen_prm(ctx: stage_lib.Context):
-  """The frozen PRM of process rewards (in this program, on this mesh), or None."""
-  path = ctx.config.rl.process_reward.verifier
-  if not path:
-    return None
-  prm = verifier_run.load_verifier(path, ctx.config.rl.process_reward.batch_size,
-                                   tuple(ctx.config.mesh.shape))
-  reward_model.check_same_tokenizer(prm.tokenizer, ctx.tokenizer,
-                                    f"rl.process_reward.verifier={path}")
-  return prm
 
 
 class RL(stage_lib.Stage):
@@ -166,8 +170,13 @@ class RL(stage_lib.Stage):
     config, rl_cfg = ctx.config, ctx.config.rl
     algo = algo_config(rl_cfg)
     spec, tx = state_spec(ctx, algo)
-    run = RLRun(config, ctx.tokenizer, ctx.model_cfg, ctx.mesh, ctx.rules, algo,
-                frozen_prm(ctx))
+    rewards_ctx = reward_context(ctx)
+    process = rl_cfg.process_reward
+    run = RLRun(ctx.tokenizer, ctx.model_cfg, ctx.mesh, ctx.rules, algo,
+                *run_settings(rl_cfg),
+                rewards_lib.STEP_REWARDS.build(process.function, rewards_ctx,
+                                               dict(process.options))
+                if process.function else None)
     stream = rollouts.PromptStream(sources.load_examples(config.data, "train"),
                                    ctx.tokenizer, config.data.seed, rl_cfg.max_prompt_len)
 
@@ -176,9 +185,10 @@ class RL(stage_lib.Stage):
                                       ctx.tokenizer)
       return learner.initial_state(spec, params, algo.uses_critic, config.seed)
 
-    scorer = rewards_lib.RewardScorer(dict(rl_cfg.rewards), sources.get_checker(config.data),
-                                      rl_cfg.reward_timeout_s)
-    iterate = make_iterate(run, spec, tx, stream, scorer)
+    scorer = rewards_lib.RewardScorer(dict(rl_cfg.rewards), rewards_ctx,
+                                      rl_cfg.reward_timeout_s,
+                                      options=_options(rl_cfg.reward_options))
+    iterate = make_iterate(run, rl_cfg, spec, tx, stream, scorer, config.seed)
     evaluate = sft_lib.policy_evaluation(ctx)
     return stage_lib.Plan(
         spec=spec, init=init, iterate=iterate, evaluate=evaluate,
@@ -186,14 +196,10 @@ class RL(stage_lib.Stage):
         close=scorer.close)
 
 
-def make_iterate(run: RLRun, spec, tx, stream: rollouts.PromptStream,
-                 scorer: rewards_lib.RewardScorer):
+def make_iterate(run: RLRun, rl_cfg, spec, tx, stream: rollouts.PromptStream,
+                 scorer: rewards_lib.RewardScorer, seed: int):
   """One RL step as the loop's `iterate`: sample, score, learner batch, updates."""
-  rl_cfg, tok, algo = run.config.rl, run.tokenizer, run.algo
-  scfg = sampling.SamplingConfig(
-      max_new_tokens=rl_cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-      prompt_bucket=rl_cfg.max_prompt_len, temperature=rl_cfg.temperature,
-      num_samples=rl_cfg.group_size, think_end_id=tok.think_end_id)
+  tok, algo = run.tokenizer, run.algo
   seq_len = rl_cfg.max_prompt_len + rl_cfg.max_new_tokens + 1
   batch_sharding = sharding_lib.batch_sharding(run.mesh, run.rules)
   score_fn = step_lib.jit_eval_fn(
@@ -206,19 +212,22 @@ def make_iterate(run: RLRun, spec, tx, stream: rollouts.PromptStream,
       step_lib.make_train_step(loss_fn, tx, rl_cfg.grad_accum_steps), spec.shardings,
       batch_sharding, run.mesh, run.rules)
   process = ((rl_cfg.process_reward.weight, rl_cfg.process_reward.mode)
-             if run.prm is not None else None)
+             if run.step_reward is not None else None)
 
   def iterate(state, position, step):
     t0 = time.time()
-    groups, position, stats = rollouts.sample_groups(run, state, stream, position, step,
-                                                     scorer, scfg)
+    policy = policy_lib.Policy(state.params["policy"], run.model_cfg, tok, run.mesh,
+                               run.rules)
+    groups, position, stats = rollouts.sample_groups(
+        policy, run.rollout, run.sampling, stream, position,
+        jax.random.fold_in(state.rng, step), scorer, run.step_reward)
     t_sample = time.time() - t0
     batch, view = rollouts.learner_batch(groups, state, score_fn, algo, seq_len,
                                          rl_cfg.minibatch_size, tok, batch_sharding,
                                          process)
     t1 = time.time()
     rows = len(batch["mask"])
-    order_rng = np.random.default_rng([run.config.seed, step])
+    order_rng = np.random.default_rng([seed, step])
     updates: list[dict] = []
     for _ in range(rl_cfg.epochs):
       order = order_rng.permutation(rows)

@@ -14,14 +14,10 @@ No verifier is used. Greedy by default (s1 decodes greedily).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
-
-import jax
 
 from o3lite import errors
 from o3lite.data import formatting
-from o3lite.sampling import sampler
 from o3lite.search import core
 
 _GREEDY = core.Sampling(temperature=0.0)
@@ -29,23 +25,12 @@ _GREEDY = core.Sampling(temperature=0.0)
 
 def _forced(problems: list[dict], policy: core.Policy, seed: int, sampling: core.Sampling,
             **forcing: Any) -> list[core.SearchResult]:
-  tok = policy.tokenizer
-  think_end_id = getattr(tok, "think_end_id", -1)
+  think_end_id = getattr(policy.tokenizer, "think_end_id", -1)
   if think_end_id is None or think_end_id < 0:
     raise errors.ConfigError("budget forcing needs a tokenizer with a single "
                              f"{formatting.THINK_END} token")
-  cfg = dataclasses.replace(sampling.config(tok, 1), think_end_id=think_end_id, **forcing)
-  prompts = [formatting.encode_prompt(tok, p["question"]) for p in problems]
-  rows = sampler.sample(policy.params, prompts, policy.model_cfg, cfg,
-                        min(sampling.problems_per_call(1), len(problems)),
-                        jax.random.PRNGKey(seed),
-                        policy.mesh, policy.rules)
-  out = []
-  for prompt, (completion,) in zip(prompts, rows):
-    text = tok.decode(completion.tokens)
-    drawn = core.Drawn(prompt, [completion], [text], [formatting.parse_answer(text)])
-    out.append(core.result(drawn, 0))
-  return out
+  return [core.result(d, 0)
+          for d in core.draw(problems, policy, 1, seed, sampling.replace(**forcing))]
 
 
 @core.STRATEGIES.register("think_budget")

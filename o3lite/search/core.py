@@ -63,7 +63,7 @@ from o3lite import errors
 from o3lite.data import formatting
 from o3lite.sampling import policy as policy_lib
 from o3lite.registry import Registry
-from o3lite.sampling import sampler
+from o3lite.sampling import draws
 
 STRATEGIES = Registry("search strategy")
 KINDS = ("orm", "prm")
@@ -73,29 +73,9 @@ KINDS = ("orm", "prm")
 Policy = policy_lib.Policy
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How the policy samples (the sampler's settings for every strategy)."""
-
-  max_new_tokens: int = 128  # Longest completion (EOS included).
-  temperature: float = 0.8  # search-and-learn's and Snell et al.'s setting.
-  top_p: float = 1.0
-  # Rows (problems x samples) per compiled sampler call: max(1, rows_per_call // N)
-  # problems at a time, so memory stays about the same along the N axis.
-  rows_per_call: int = 256
-
-  def __post_init__(self):
-    if self.rows_per_call < 1:
-      raise errors.ConfigError(f"rows_per_call={self.rows_per_call}: expected >= 1")
-
-  def config(self, tokenizer: Any, num_samples: int) -> sampler.SamplingConfig:
-    return sampler.SamplingConfig(max_new_tokens=self.max_new_tokens,
-                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                  temperature=self.temperature, top_p=self.top_p,
-                                  num_samples=num_samples)
-
-  def problems_per_call(self, num_samples: int) -> int:
-    return max(1, self.rows_per_call // num_samples)
+# The one sampling-settings type and sampled-completions record of the sampling layer.
+Sampling = draws.Sampling
+Drawn = draws.Drawn
 
 
 @dataclasses.dataclass
@@ -126,43 +106,12 @@ class SearchResult:
   tree: list[list[dict]] | None = None
 
 
-@dataclasses.dataclass
-class Drawn:
-  """N sampled completions of one problem's prompt."""
-
-  prompt: list[int]
-  completions: list[sampler.Completion]
-  texts: list[str]
-  answers: list[str | None]
-
-  @property
-  def generated_tokens(self) -> list[int]:
-    """Per completion: its tokens, EOS counted when it ended with one."""
-    return [len(c.tokens) + int(c.finished) for c in self.completions]
-
-  @property
-  def row_tokens(self) -> int:
-    """Tokens of its rows as a verifier reads them: prompt + completion + EOS, summed."""
-    return sum(len(self.prompt) + len(c.tokens) + 1 for c in self.completions)
-
-
 def draw(problems: Sequence[dict], policy: Policy, num_samples: int, seed: int,
          sampling: Sampling) -> list[Drawn]:
-  """`num_samples` completions of every problem, decoded and their answers parsed, with
-  `sampler.sample` (`sampling.problems_per_call(num_samples)` problems per call, key
+  """`num_samples` completions of every problem's prompt, decoded (`draws.draw`, key
   `PRNGKey(seed)`)."""
-  tok = policy.tokenizer
-  prompts = [formatting.encode_prompt(tok, p["question"]) for p in problems]
-  drawn = sampler.sample(policy.params, prompts, policy.model_cfg,
-                         sampling.config(tok, num_samples),
-                         min(sampling.problems_per_call(num_samples), len(problems)),
-                         jax.random.PRNGKey(seed),
-                         policy.mesh, policy.rules)
-  out = []
-  for prompt, completions in zip(prompts, drawn):
-    texts = [tok.decode(c.tokens) for c in completions]
-    out.append(Drawn(prompt, completions, texts, [formatting.parse_answer(t) for t in texts]))
-  return out
+  prompts = [formatting.encode_prompt(policy.tokenizer, p["question"]) for p in problems]
+  return draws.draw(policy, prompts, num_samples, sampling, jax.random.PRNGKey(seed))
 
 
 def verifier_kind(verifier: Any, strategy: str) -> str:

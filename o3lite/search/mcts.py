@@ -174,10 +174,8 @@ def most_visited(nodes: list[Node], candidates: set[int]) -> int:
 
 def _config(policy: core.Policy, sampling: core.Sampling, max_new_tokens: int,
             stops: tuple = ()) -> sampler.SamplingConfig:
-  tok = policy.tokenizer
-  return sampler.SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                                pad_id=tok.pad_id, temperature=sampling.temperature,
-                                top_p=sampling.top_p, stops=stops)
+  return dataclasses.replace(
+      sampling.replace(max_new_tokens=max_new_tokens).config(policy.tokenizer), stops=stops)
 
 
 def _simulations(chunk: list[dict], prompts: list[list[int]], policy: core.Policy,
@@ -372,7 +370,7 @@ def _result(nodes: list[Node], pool: list[int], prompt: list[int], answer: str, 
     pick = most_visited(nodes, set(consistent))
   texts = [tok.decode(nodes[i].candidate_tokens) for i in pool]
   steps = [nodes[i].steps for i in pool]
-  drawn = core.Drawn(prompt, [], texts, [formatting.parse_answer(t) for t in texts])
+  drawn = core.Drawn(prompt, [], texts)
   out = core.result(drawn, pool.index(pick), [nodes[i].rank for i in pool],
                     None if steps and steps[0] is None else steps, spent)
   out.compute.generated_tokens = generated

@@ -40,7 +40,6 @@ import jax
 import numpy as np
 
 from o3lite import errors
-from o3lite.data import formatting
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.sampling import sampler
 from o3lite.search import best_of_n
@@ -155,8 +154,7 @@ def revise(problems: Sequence[dict], policy: core.Policy, verifier: Any, budget:
     texts = [tok.decode(y.tokens) for y in chain]
     scores = [agg(y.steps) if y.steps else aggregation_lib.NO_STEPS for y in chain]
     chosen = len(chain) - 1 if answer == "last" else int(np.argmax(scores))
-    out = core.result(core.Drawn(drawn[p].prompt, [], texts,
-                                 [formatting.parse_answer(t) for t in texts]),
+    out = core.result(core.Drawn(drawn[p].prompt, [], texts),
                       chosen, scores, [y.steps for y in chain], int(spent[p]))
     out.compute.generated_tokens = int(generated[p])
     out.tree = [[{"parent": -1 if r == 0 else 0, "text": text, "score": score,

@@ -76,10 +76,10 @@ class _Row:
 def _step_config(policy: core.Policy, sampling: core.Sampling, step_tokens: int,
                  num_samples: int, greedy: bool = False) -> sampler.SamplingConfig:
   tok = policy.tokenizer
-  return sampler.SamplingConfig(
-      max_new_tokens=step_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-      temperature=0.0 if greedy else sampling.temperature, top_p=sampling.top_p,
-      num_samples=num_samples, stops=stops_lib.stop_set(tok, ["\n"]).stops)
+  step = sampling.replace(max_new_tokens=step_tokens,
+                          temperature=0.0 if greedy else sampling.temperature)
+  return dataclasses.replace(step.config(tok, num_samples),
+                             stops=stops_lib.stop_set(tok, ["\n"]).stops)
 
 
 def _lookahead(policy: core.Policy, state, live: list[bool], steps: int,
@@ -144,8 +144,7 @@ def _chunk_results(chunk, prompts, rows, finished, trees, generated, spent, veri
               for pool in pools]
   results = []
   for p, pool in enumerate(pools):
-    drawn = core.Drawn(prompts[p], [], texts[p],
-                       [formatting.parse_answer(t) for t in texts[p]])
+    drawn = core.Drawn(prompts[p], [], texts[p])
     out = core.result(drawn, int(np.argmax(scores[p])), scores[p],
                       [list(s) for _, s in pool], int(spent[p]))
     out.compute.generated_tokens = int(generated[p])

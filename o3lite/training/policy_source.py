@@ -120,10 +120,12 @@ def resolve(path: str, field: str = "init_from") -> Source:
 
 
 def check_renamed(config: ml_collections.ConfigDict) -> None:
-  """A one-line ConfigError when `config` still has a field that named a policy's source
-  before `init_from` replaced them (a config written for an earlier o3lite)."""
+  """A one-line ConfigError when `config` still has a field that an earlier o3lite named
+  otherwise (`errors.RENAMED`: a config written for an earlier o3lite)."""
   for old in errors.RENAMED:
-    section, name = old.split(".")
-    if section in config and isinstance(config[section], ml_collections.ConfigDict) \
-        and name in config[section]:
+    *sections, name = old.split(".")
+    node = config
+    for section in sections:
+      node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and name in node:
       raise errors.ConfigError(errors.renamed_message(old))

@@ -29,6 +29,7 @@ from o3lite.data import tasks
 from o3lite.evaluation import heldout
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
+from o3lite.sampling import policy as policy_lib
 from o3lite.training import losses
 from o3lite.training import optimizer as optimizer_lib
 from o3lite.training import policy_source
@@ -94,10 +95,13 @@ def policy_evaluation(ctx: stage_lib.Context, params_of: Callable[[Any], Any] = 
   examples = held_out_examples(ctx.config.data, eval_cfg.split, eval_cfg.num_examples)
   checker = sources.get_checker(ctx.config.data)
 
+  settings = heldout.EvalSettings.of(eval_cfg)
+
   def evaluate(state, tag):
     del tag
-    return heldout.evaluate(params_of(state), ctx.model_cfg, examples, ctx.tokenizer,
-                            checker, eval_cfg, eval_cfg.split, ctx.mesh, ctx.rules)
+    policy = policy_lib.Policy(params_of(state), ctx.model_cfg, ctx.tokenizer, ctx.mesh,
+                               ctx.rules)
+    return heldout.evaluate(policy, examples, checker, settings, eval_cfg.split)
   return evaluate
 
 
@@ -233,7 +237,7 @@ def load_run(workdir: str, step: int | None = None,
 def evaluate(run: LoadedRun, policy_params, split: str, num_examples: int
              ) -> tuple[dict, list]:
   """Every held-out metric of the run's `eval` section (see `heldout.evaluate`)."""
-  return heldout.evaluate(
-      policy_params, run.model_cfg,
-      held_out_examples(run.config.data, split, num_examples), run.tokenizer,
-      sources.get_checker(run.config.data), run.config.eval, split, run.mesh, run.rules)
+  policy = policy_lib.Policy(policy_params, run.model_cfg, run.tokenizer, run.mesh, run.rules)
+  return heldout.evaluate(policy, held_out_examples(run.config.data, split, num_examples),
+                          sources.get_checker(run.config.data),
+                          heldout.EvalSettings.of(run.config.eval), split)

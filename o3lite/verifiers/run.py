@@ -32,6 +32,7 @@ import optax
 from o3lite import errors
 from o3lite.data import sources
 from o3lite.parallel import mesh as sharding_lib
+from o3lite.sampling import draws
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import losses
 from o3lite.training import optimizer as optimizer_lib
@@ -110,21 +111,19 @@ def make_labels(config: ml_collections.ConfigDict, policy_dir: str, split: str,
   v = config.verifier
   mesh, rules = stage_lib.mesh_and_rules(config)
   run = policy_source.load(policy_dir, config.model, mesh, rules)
-  params = run.params
   train = split == "train"
   examples = sft_lib.held_out_examples(config.data, split,
                                          v.num_problems if train else v.eval_problems)
-  sampling = solutions_lib.SolutionSampling(
-      num_samples=v.samples_per_problem, temperature=v.temperature,
-      max_new_tokens=v.max_new_tokens, batch_size=v.sample_batch_size,
-      prompt_bucket=config.verifier.prompt_bucket, seed=v.seed + (0 if train else 1))
+  sampling = draws.Sampling(max_new_tokens=v.max_new_tokens, temperature=v.temperature,
+                            prompt_bucket=v.prompt_bucket)
   t0 = time.time()
-  of, texts, dropped = solutions_lib.sample_solutions(params, run.model_cfg, run.tokenizer, examples,
-                                             sampling, run.mesh, run.rules)
+  of, texts, dropped = solutions_lib.sample_solutions(
+      run, examples, v.samples_per_problem, sampling, v.seed + (0 if train else 1),
+      v.sample_batch_size)
   t_sample = time.time() - t0
   checker = sources.get_checker(config.data)
   rollouts = labellers.Rollouts(
-      params, run.model_cfg, run.tokenizer, labellers.MonteCarloConfig(**dict(v.monte_carlo)),
+      run.params, run.model_cfg, run.tokenizer, labellers.MonteCarloConfig(**dict(v.monte_carlo)),
       labellers.answer_outcome(checker), run.mesh, run.rules)
   labeller = v.labeller
   if not train and all("step_values" in e for e in of):

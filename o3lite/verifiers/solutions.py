@@ -1,6 +1,6 @@
 """A verifier's training data: a policy's sampled solutions, labelled step by step.
 
-  solutions = sample_solutions(policy, examples, num_samples=4, ...)
+  solutions = sample_solutions(policy, examples, num_samples=4, sampling=draws.Sampling(...))
   records, stats = label_solutions(examples_of_each, solutions, "monte_carlo", rollouts,
                                    consensus_with="exact")
   label_files.write_labelled(path, records)
@@ -13,30 +13,17 @@ ORM, a PRM and their evaluation.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
 
 from o3lite import errors
 from o3lite.data import batching
-from o3lite.model import transformer as model_lib
-from o3lite.sampling import sampler
+from o3lite.sampling import draws
+from o3lite.sampling import policy as policy_lib
 from o3lite.verifiers import label_files
 from o3lite.verifiers import labellers
 from o3lite.verifiers import steps as steps_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class SolutionSampling:
-  """How a policy's solutions are sampled."""
-
-  num_samples: int = 4  # Solutions per problem.
-  temperature: float = 1.0
-  max_new_tokens: int = 64
-  batch_size: int = 64  # Problems per sampler call.
-  prompt_bucket: int = 32
-  seed: int = 0
 
 
 def _round_trips(text: str, tokenizer: Any) -> bool:
@@ -47,23 +34,20 @@ def _round_trips(text: str, tokenizer: Any) -> bool:
           == [s.text for s in steps_lib.split_completion(text)])
 
 
-def sample_solutions(params, model_cfg: model_lib.ModelConfig, tokenizer: Any,
-                     examples: Sequence[dict], cfg: SolutionSampling, mesh=None,
-                     rules=None) -> tuple[list[dict], list[str], int]:
+def sample_solutions(policy: policy_lib.Policy, examples: Sequence[dict], num_samples: int,
+                     sampling: draws.Sampling, seed: int = 0,
+                     problems_per_call: int | None = None
+                     ) -> tuple[list[dict], list[str], int]:
   """(the example of each solution, the solutions' text, how many were dropped):
-  cfg.num_samples per problem, in problem order. A solution whose steps change when its
-  text is tokenized again cannot be labelled or scored step by step, and is dropped."""
-  scfg = sampler.SamplingConfig(
-      max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      temperature=cfg.temperature, num_samples=cfg.num_samples,
-      prompt_bucket=cfg.prompt_bucket)
-  prompts = batching.encode_prompts(examples, tokenizer)
-  rows = sampler.sample(params, prompts, model_cfg, scfg, cfg.batch_size,
-                        jax.random.PRNGKey(cfg.seed), mesh, rules)
+  `num_samples` per problem, in problem order (`draws.draw`, key `PRNGKey(seed)`). A
+  solution whose steps change when its text is tokenized again cannot be labelled or
+  scored step by step, and is dropped."""
+  tokenizer = policy.tokenizer
+  drawn = draws.draw(policy, batching.encode_prompts(examples, tokenizer), num_samples,
+                     sampling, jax.random.PRNGKey(seed), problems_per_call)
   of, texts, dropped = [], [], 0
-  for example, samples in zip(examples, rows):
-    for completion in samples:
-      text = tokenizer.decode(completion.tokens)
+  for example, d in zip(examples, drawn):
+    for text in d.texts:
       if not _round_trips(text, tokenizer):
         dropped += 1
         continue
