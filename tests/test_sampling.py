@@ -48,9 +48,11 @@ def test_greedy_generation_matches_full_forward_argmax():
   got = sampling.generate(params, prompts, cfg, scfg, batch_size=3)  # 2 batches, 1 padded.
   want = [_reference(cfg, params, p, 12) for p in prompts]
   assert got == want
-  # The cache grown in segments of 5, 5 and 2 steps gives the same tokens.
-  segmented = dataclasses.replace(scfg, decode_segment=5)
-  assert sampling.generate(params, prompts, cfg, segmented, batch_size=3) == want
+  # Attention over the cache in chunks of 8 slots (up to 4 chunks here), and over every
+  # slot at once, give the same tokens.
+  for chunk in (8, 0):
+    chunked = dataclasses.replace(scfg, attention_chunk=chunk)
+    assert sampling.generate(params, prompts, cfg, chunked, batch_size=3) == want
   assert len({tuple(w) for w in want}) == len(want)  # Prompts really lead apart.
 
 
@@ -97,7 +99,7 @@ def test_logprobs_equal_the_training_forward_pass():
   for scfg in [sampling.SamplingConfig(max_new_tokens=10, eos_id=EOS, temperature=1.0,
                                        num_samples=2),
                sampling.SamplingConfig(max_new_tokens=10, eos_id=EOS, temperature=0.7,
-                                       top_k=5, top_p=0.9, decode_segment=3)]:
+                                       top_k=5, top_p=0.9, attention_chunk=8)]:
     out = sampling.sample(params, prompts, cfg, scfg, batch_size=2, rng=jax.random.PRNGKey(1))
     assert [len(o) for o in out] == [scfg.num_samples] * 2
     for prompt, samples in zip(prompts, out):
@@ -163,8 +165,8 @@ def test_sampling_is_deterministic_for_a_key_and_sharding_does_not_change_it():
   chunked = sampling.sample(params, more, cfg, scfg, batch_size=3, rng=jax.random.PRNGKey(3),
                             mesh=mesh, rules=sharding_lib.DEFAULT_RULES)
   assert tokens(chunked) == tokens(plain)
-  # Growing the cache in segments (here 3, 3, 2 steps) changes no sample, sharded or not.
-  segmented = dataclasses.replace(scfg, decode_segment=3)
+  # Attention in chunks of 8 slots changes no sample, sharded or not.
+  segmented = dataclasses.replace(scfg, attention_chunk=8)
   assert tokens(sampling.sample(params, prompts, cfg, segmented, batch_size=4,
                                 rng=jax.random.PRNGKey(3))) == tokens(a)
   assert tokens(sampling.sample(params, more, cfg, segmented, batch_size=3,

@@ -252,10 +252,46 @@ def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, num_blocks: int = 1):
   return jnp.concatenate(outs, axis=1)
 
 
+def attend_cache(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, chunk: int, filled):
+  """`attend` over the first `filled` (int32 scalar) slots of a cache, `chunk` slots at a
+  time (S a multiple of it), with an online softmax (Milakov & Gimelshein 2018; flash-
+  decoding): a running max, sum and weighted sum per query, rescaled as each chunk
+  comes. One compiled loop whose trip count is ceil(filled / chunk), so a step reads the
+  filled slots only, whatever the cache's size. Same values as `attend` (up to
+  rounding) where no query may see a slot at or past `filled`."""
+  B, T, N, H = q_BxTxNxH.shape
+  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  G = N // K
+  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  dt = q_BxTxNxH.dtype
+
+  def one_chunk(c, carry):
+    max_BxKxGxT, sum_BxKxGxT, acc_BxKxGxTxH = carry
+    k_BxKxCxH = jax.lax.dynamic_slice_in_dim(k_BxKxSxH, c * chunk, chunk, axis=2)
+    v_BxKxCxH = jax.lax.dynamic_slice_in_dim(v_BxKxSxH, c * chunk, chunk, axis=2)
+    mask_BxTxC = jax.lax.dynamic_slice_in_dim(mask_BxTxS, c * chunk, chunk, axis=2)
+    logits = jnp.einsum("bkgth,bkch->bkgtc", q_BxKxGxTxH, k_BxKxCxH).astype(jnp.float32)
+    logits = jnp.where(mask_BxTxC[:, None, None], logits * H ** -0.5, -1e30)
+    new_max = jnp.maximum(max_BxKxGxT, logits.max(-1))
+    p_BxKxGxTxC = jnp.exp(logits - new_max[..., None])
+    rescale = jnp.exp(max_BxKxGxT - new_max)
+    acc = acc_BxKxGxTxH * rescale[..., None] + jnp.einsum(
+        "bkgtc,bkch->bkgth", p_BxKxGxTxC.astype(dt), v_BxKxCxH).astype(jnp.float32)
+    return new_max, sum_BxKxGxT * rescale + p_BxKxGxTxC.sum(-1), acc
+
+  count = jnp.clip((filled + chunk - 1) // chunk, 1, S // chunk)
+  init = (jnp.full((B, K, G, T), -1e30, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+          jnp.zeros((B, K, G, T, H), jnp.float32))
+  _, total, acc = jax.lax.fori_loop(0, count, one_chunk, init)
+  out_BxKxGxTxH = (acc / total[..., None]).astype(dt)
+  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
   config: ModelConfig
   fresh_cache: bool = False  # See `Transformer.__call__`.
   num_blocks: int = 1  # Query blocks of `attend`: > 1 only for the default causal mask.
+  cache_chunk: int = 0  # See `Transformer.cache_chunk`.
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache):
@@ -294,8 +330,15 @@ class Attention(nn.Module):
       v_BxKxSxH = write_rows(layer_cache["v"], v_BxKxTxH, start_B, axis=1)
       new_cache = {"k": k_BxKxSxH, "v": v_BxKxSxH}
 
-    out_BxTxNxH = attend(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS,
-                         self.num_blocks)
+    S = k_BxKxSxH.shape[2]
+    chunk = self.cache_chunk
+    if layer_cache is not None and not self.fresh_cache and chunk and S > chunk \
+        and S % chunk == 0:  # Only the chunks up to the longest row's last new token.
+      out_BxTxNxH = attend_cache(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt),
+                                 mask_BxTxS, chunk, jnp.max(q_slot_BxT) + 1)
+    else:
+      out_BxTxNxH = attend(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt),
+                           mask_BxTxS, self.num_blocks)
     out_BxTxD = kernels.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dt), k_)
     return out_BxTxD, new_cache
 
@@ -322,12 +365,14 @@ class Block(nn.Module):
   config: ModelConfig
   fresh_cache: bool = False
   num_blocks: int = 1
+  cache_chunk: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache):
     cfg = self.config
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxTxD)
-    h, new_cache = Attention(cfg, self.fresh_cache, self.num_blocks, name="attn")(
+    h, new_cache = Attention(cfg, self.fresh_cache, self.num_blocks, self.cache_chunk,
+                             name="attn")(
         h, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache)
     x_BxTxD = x_BxTxD + h
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxTxD)
@@ -342,6 +387,10 @@ class Transformer(nn.Module):
 
   config: ModelConfig
   hidden: bool = False
+  # > 0: attention over a cache (not a fresh one) of more slots than this reads it this
+  # many slots at a time, up to the last slot a query may see (`attend_cache`): a decode
+  # step's cost follows the filled part of the cache. 0: all slots at once (`attend`).
+  cache_chunk: int = 0
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT=None, cache=None,
@@ -379,7 +428,8 @@ class Transformer(nn.Module):
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x_BxTxD, new_layer = block_cls(cfg, fresh_cache, num_blocks, name=f"layer_{i}")(
+      x_BxTxD, new_layer = block_cls(cfg, fresh_cache, num_blocks, self.cache_chunk,
+                                     name=f"layer_{i}")(
           x_BxTxD, positions_BxT, q_slot_BxT, mask_BxTxS, layer_cache)
       new_layers.append(new_layer)
     if logits_index_B is not None:

@@ -42,10 +42,10 @@ class SamplingConfig:
   # A row pauses when its latest tokens equal one of these token sequences (step
   # delimiters, `</think>`); `stop_B` = 1 + its index. See stops.py for strings.
   stops: tuple[tuple[int, ...], ...] = ()
-  # The KV cache grows by this many slots at a time during decoding, so attention reads
-  # about the filled part only; each segment is one more loop in the compiled program.
-  # 0 = one segment (the whole cache from the start).
-  decode_segment: int = 32
+  # Attention over the KV cache reads it in chunks of this many slots, only those up to
+  # the longest row's end (flash-decoding's online softmax): a step's cost follows the
+  # filled part, not the cache's size. 0 = every slot at once.
+  attention_chunk: int = 128
 
   def __post_init__(self):
     # Lists become tuples: the config must stay hashable.
@@ -54,9 +54,9 @@ class SamplingConfig:
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise errors.ConfigError(f"invalid sampling settings: temperature={self.temperature}, "
                                f"top_k={self.top_k}, top_p={self.top_p}")
-    if self.num_samples < 1 or self.max_new_tokens < 1 or self.decode_segment < 0:
+    if self.num_samples < 1 or self.max_new_tokens < 1 or self.attention_chunk < 0:
       raise errors.ConfigError("num_samples and max_new_tokens must be at least 1, "
-                               "decode_segment at least 0")
+                               "attention_chunk at least 0")
     if (self.think_budget or self.min_think or self.wait_ids) and self.think_end_id < 0:
       raise errors.ConfigError("think_budget / min_think / wait_ids need think_end_id")
     if self.wait_ids and not self.min_think:
@@ -64,10 +64,27 @@ class SamplingConfig:
     if any(not s for s in self.stops):
       raise errors.ConfigError("an empty stop sequence: every stop needs a token")
 
-  @property
-  def segment(self) -> int:
-    """Slots the cache grows by per decode segment."""
-    return min(self.decode_segment or self.max_new_tokens, self.max_new_tokens)
+  def compiled(self) -> "SamplingConfig":
+    """The settings a call compiles with: `max_new_tokens` rounded up to its bucket
+    (`bucket`), so a new length in the same bucket compiles nothing new; the call's own
+    limit is passed at run time."""
+    return dataclasses.replace(self, max_new_tokens=bucket(self.max_new_tokens, 16))
+
+  def cache_slots(self, needed: int) -> int:
+    """Cache slots for rows that need `needed`: its bucket, a multiple of the attention
+    chunk once it is bigger than one."""
+    slots = bucket(needed, 16)
+    chunk = self.attention_chunk
+    return slots if not chunk or slots <= chunk else -(-slots // chunk) * chunk
+
+
+def bucket(n: int, smallest: int) -> int:
+  """The least of smallest, 2^k and 3 * 2^(k-1) (k >= 1) that is >= n: sizes that grow by
+  at most 1.5x, so few shapes compile and a bucket wastes at most a third of it."""
+  size = smallest
+  while size < n:
+    size = size * 3 // 2 if (size & (size - 1)) == 0 and size >= 4 else 1 << size.bit_length()
+  return size
 
 
 @flax.struct.dataclass

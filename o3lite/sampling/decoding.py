@@ -24,8 +24,13 @@ on the explicit KV cache (donated), with states a caller can stop, fork and cont
 - Thinking budget (budget forcing, s1): after `think_budget` thinking tokens `</think>` is
   forced; `min_think` keeps an early `</think>` (and EOS) from ending the thought: it is
   forbidden, or with `wait_ids` replaced by those tokens ("Wait"), so the model goes on.
-- The cache grows `decode_segment` slots at a time, so attention reads about the filled
-  part of it; the prefill attends over the prompt only and projects its last token only.
+- One cache per call, sized once from the rows' needs (prompt + `max_new_tokens`) by
+  `SamplingConfig.cache_slots`' buckets, and one compiled `while_loop` whatever the length:
+  attention reads the cache `attention_chunk` slots at a time up to the longest row's
+  end (`model.attend_cache`), so a step costs what the filled part costs. `max_new_tokens`
+  is compiled as its bucket (`SamplingConfig.compiled`) and the call's own limit is a run
+  time value: a new length in the same bucket compiles nothing. The prefill attends over
+  the prompt only and projects its last token only.
 - Deterministic for a given key: token t of a call uses `fold_in(key, t)`.
 
 The sampler reads the very parameter arrays the learner trains (no copy, no sync).
@@ -91,31 +96,47 @@ def _take_rows(state: SamplingState, rows_R: jax.Array) -> SamplingState:
   return SamplingState(**per_call, **rows, cache=jax.tree_util.tree_map(take, state.cache))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"))
 def prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Array,
-            model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig) -> SamplingState:
+            model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig,
+            capacity: int | None = None) -> SamplingState:
   """Runs the prompts through the model once, then picks the first token of each sample.
 
   Returns a state of B * num_samples rows (the samples of a prompt are consecutive), its
-  cache sized for the prompt and decode's first segment.
+  cache of `capacity` slots (default: the bucket of P + max_new_tokens), compiled with
+  `sampling_cfg.compiled()`.
   """
+  P = prompt_BxP.shape[1]
+  capacity = capacity or sampling_cfg.cache_slots(P + sampling_cfg.max_new_tokens)
+  return _prefill(params, prompt_BxP, prompt_len_B, rng, model_cfg,
+                  sampling_cfg.compiled(), capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity"))
+def _prefill(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Array,
+             model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig,
+             capacity: int) -> SamplingState:
   B, P = prompt_BxP.shape
   S = sampling_cfg.num_samples
   state, last_BxV = _prompt_state(params, prompt_BxP, prompt_len_B, jnp.zeros((B,), jnp.int32),
-                                  rng, P + sampling_cfg.segment, model_cfg, sampling_cfg)
+                                  rng, max(capacity, P + 1), model_cfg, sampling_cfg)
   if S > 1:  # The samples share the prompt's cache rows.
     rows = jnp.repeat(jnp.arange(B), S)
     state, last_BxV = _take_rows(state, rows), last_BxV[rows]
   return choice.advance(state, last_BxV, jnp.ones((B * S,), bool), sampling_cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity"))
 def prime(params, prompt_BxP: jax.Array, prompt_len_B: jax.Array, rng: jax.Array,
           model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig,
           capacity: int) -> SamplingState:
   """The prompts in the cache but their last token, which is left pending, and nothing
   chosen (rows done, `stop_B` STOP_NONE): `extend` scores or continues from here, as if
   the prompt had just been sampled."""
+  return _prime(params, prompt_BxP, prompt_len_B, rng, model_cfg, sampling_cfg.compiled(),
+                capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity"))
+def _prime(params, prompt_BxP, prompt_len_B, rng, model_cfg, sampling_cfg, capacity):
   B, P = prompt_BxP.shape
   pending_B = jnp.take_along_axis(prompt_BxP, (prompt_len_B - 1)[:, None], axis=1)[:, 0]
   state, _ = _prompt_state(params, prompt_BxP, prompt_len_B - 1, pending_B, rng,
@@ -130,8 +151,6 @@ def fork(state: SamplingState, rows_R: jax.Array) -> SamplingState:
   return _take_rows(state, rows_R)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity", "score"),
-                   donate_argnames=("state",))
 def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Array,
            feed_last_B: jax.Array, rng: jax.Array, model_cfg: model_lib.ModelConfig,
            sampling_cfg: SamplingConfig, capacity: int, score: bool = False
@@ -146,6 +165,14 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
   temperature) of the new tokens [B, T]: 0 past a row's length, and NaN for a first new
   token that follows no fed token (feed_last False: its context was not kept).
   """
+  return _extend(params, state, new_BxT, new_len_B, feed_last_B, rng, model_cfg,
+                 sampling_cfg.compiled(), capacity, score)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg", "capacity", "score"),
+                   donate_argnames=("state",))
+def _extend(params, state, new_BxT, new_len_B, feed_last_B, rng, model_cfg, sampling_cfg,
+            capacity, score):
   cfg, (B, T) = sampling_cfg, new_BxT.shape
   fed_BxT1 = jnp.where(feed_last_B[:, None],
                        jnp.concatenate([state.last_token_B[:, None], new_BxT], 1),
@@ -156,7 +183,7 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
   positions_BxT1 = end_B[:, None] + jnp.arange(T + 1, dtype=jnp.int32)[None]
   segments_BxT1 = (jnp.arange(T + 1)[None] < fed_len_B[:, None]).astype(jnp.int32)
   cache = resize_cache(state.cache, capacity)
-  logits_BxTxV, cache = model_lib.Transformer(model_cfg).apply(
+  logits_BxTxV, cache = model_lib.Transformer(model_cfg, cache_chunk=cfg.attention_chunk).apply(
       {"params": params}, fed_BxT1, positions_BxT1, segments_BxT1, cache,
       logits_index_B=None if score else jnp.maximum(fed_len_B - 1, 0))
   last_BxV = (jnp.take_along_axis(logits_BxTxV, jnp.maximum(fed_len_B - 1, 0)[:, None, None],
@@ -182,23 +209,28 @@ def extend(params, state: SamplingState, new_BxT: jax.Array, new_len_B: jax.Arra
   return choice.advance(s, last_BxV, active_B, cfg), logprobs_BxT
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"),
-                   donate_argnames=("state",))
 def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
            sampling_cfg: SamplingConfig) -> SamplingState:
-  """Decodes one token at a time until every row is done or the call has
-  `max_new_tokens` tokens.
+  """Decodes one token at a time until every row is done, the call has
+  `max_new_tokens` tokens, or a row reaches the cache's end.
 
-  `state` comes from `prefill` or `extend`, whose cache has at least one segment of
-  free slots past the longest row. Each later segment zero-pads the cache by
-  `decode_segment` slots (one copy), so attention reads about the filled slots instead of
-  all of them from the first step; a segment ends early when a row reaches the cache's
-  end. A done row feeds nothing (its end index stays). The donated cache is updated in
-  place when there is one segment; with several, the donated first-segment cache cannot
-  be the (larger) output's buffer, and JAX says so in a warning.
+  `state` comes from `prefill` or `extend` (compiled with `sampling_cfg.compiled()`),
+  whose cache has room for the tokens to come. One `while_loop`, compiled per cache size
+  and `max_new_tokens` bucket; the call's own `max_new_tokens` is a run-time value. A
+  done row feeds nothing (its end index stays). `state` is donated and its cache updated
+  in place.
   """
-  model = model_lib.Transformer(model_cfg)
+  return _decode(params, state, jnp.int32(sampling_cfg.max_new_tokens), model_cfg,
+                 sampling_cfg.compiled())
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "sampling_cfg"),
+                   donate_argnames=("state",))
+def _decode(params, state: SamplingState, limit: jax.Array,
+            model_cfg: model_lib.ModelConfig, sampling_cfg: SamplingConfig) -> SamplingState:
+  model = model_lib.Transformer(model_cfg, cache_chunk=sampling_cfg.attention_chunk)
   cfg = sampling_cfg
+  room = state.cache["segment_ids"].shape[1]
 
   def body(s: SamplingState):
     active_B = ~s.done_B
@@ -207,22 +239,17 @@ def decode(params, state: SamplingState, model_cfg: model_lib.ModelConfig,
         active_B[:, None].astype(jnp.int32), s.cache)
     return choice.advance(s.replace(cache=cache), logits_Bx1xV[:, 0], active_B, cfg)
 
-  slots = state.cache["segment_ids"].shape[1]
-  segments = -(-cfg.max_new_tokens // cfg.segment)
-  for k in range(segments):
-    cache = resize_cache(state.cache, slots + k * cfg.segment)
-    room = cache["segment_ids"].shape[1]
-    state = jax.lax.while_loop(
-        lambda s, room=room: ((s.step < cfg.max_new_tokens) & ~jnp.all(s.done_B)
-                              & (jnp.max(s.cache["end_index"]) < room)),
-        body, state.replace(cache=cache))
-  return state
+  return jax.lax.while_loop(
+      lambda s: ((s.step < jnp.minimum(limit, cfg.max_new_tokens)) & ~jnp.all(s.done_B)
+                 & (jnp.max(s.cache["end_index"]) < room)),
+      body, state)
 
 
 @contextlib.contextmanager
 def grown_cache_donation_expected():
   """Silences JAX's warning that a donated cache went unused: expected where the output
-  cache is larger than the input (`decode`'s segments, `extend`'s growth)."""
+  cache is larger than the input (`extend` growing the cache, the verifiers' step
+  reader): never around a call whose cache keeps its size."""
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     yield

@@ -117,8 +117,7 @@ def start(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelCo
   rng = jax.random.PRNGKey(0) if rng is None else rng
   with where.context():
     state = decoding.prefill(params, placed["prompt"], placed["length"], rng, model_cfg, cfg)
-    with grown_cache_donation_expected():
-      return decoding.decode(params, state, model_cfg, cfg)
+    return decoding.decode(params, state, model_cfg, cfg)
 
 
 def prime(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelConfig,
@@ -130,7 +129,7 @@ def prime(params, prompts: Sequence[Sequence[int]], model_cfg: model_lib.ModelCo
   where.check_rows(len(prompts))
   prompt_BxP, prompt_len_B = pad_prompts(prompts, len(prompts), cfg)
   placed = where.put(prompt=prompt_BxP, length=prompt_len_B)
-  capacity = _round_up(prompt_BxP.shape[1] + cfg.segment, cfg.prompt_bucket)
+  capacity = cfg.cache_slots(prompt_BxP.shape[1] + 1)
   with where.context():
     return decoding.prime(params, placed["prompt"], placed["length"], jax.random.PRNGKey(0),
                           model_cfg, cfg, capacity)
@@ -166,11 +165,15 @@ def extend(params, state: SamplingState, suffixes: Sequence[Sequence[int] | None
   for b, s in enumerate(suffixes):
     new_BxT[b, :len(s or ())] = s or ()
   end_B = sharding_lib.to_host(state.cache["end_index"])
-  # Room for the fed tokens and one decode segment, bucketed so few shapes compile.
-  capacity = _round_up(int(end_B.max()) + T + 1 + cfg.segment, max(cfg.segment, 16))
+  # Room for the fed tokens and a decode of max_new_tokens, bucketed: few shapes compile.
+  slots = state.cache["segment_ids"].shape[1]
+  capacity = max(slots, cfg.cache_slots(int(end_B.max()) + T + 1 + cfg.max_new_tokens))
   placed = where.put(new=new_BxT, length=lengths, feed=feed)
   rng = jax.random.fold_in(state.rng, 1) if rng is None else rng
-  with where.context(), grown_cache_donation_expected():
+  # A cache that grows cannot reuse the donated buffer (JAX warns): expected only then.
+  grows = capacity > slots
+  with where.context(), (grown_cache_donation_expected() if grows
+                         else contextlib.nullcontext()):
     state, logprobs_BxT = decoding.extend(params, state, placed["new"], placed["length"],
                                           placed["feed"], rng, model_cfg, cfg, capacity,
                                           score)
@@ -187,7 +190,7 @@ def continue_(params, state: SamplingState, suffixes: Sequence[Sequence[int] | N
   """`extend`, then decode on: row b continues from its tokens so far + suffixes[b] as
   if it had been sampled from that whole prefix (rows given None stay done)."""
   state, _ = extend(params, state, suffixes, model_cfg, cfg, rng, mesh, rules, feed_last)
-  with placement(mesh, rules).context(), grown_cache_donation_expected():
+  with placement(mesh, rules).context():
     return decoding.decode(params, state, model_cfg, cfg)
 
 
