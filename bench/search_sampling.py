@@ -56,7 +56,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: ks 4, prefix 32, 4 new to
 
 def continuations(params, cfg, k, prefix, new, repeats):
   scfg = sampling.SamplingConfig(max_new_tokens=new, eos_id=-1, prompt_bucket=16,
-                                 decode_segment=0)
+                                 attention_chunk=0)
 
   def forked():
     state = sampling.prime(params, [prefix], cfg, scfg)
@@ -78,7 +78,7 @@ def continuations(params, cfg, k, prefix, new, repeats):
 
 def step_extension(params, cfg, prompts, steps, step_tokens, repeats):
   scfg = sampling.SamplingConfig(max_new_tokens=step_tokens, eos_id=-1, prompt_bucket=16,
-                                 decode_segment=0)
+                                 attention_chunk=0)
 
   def continued():
     state = sampling.start(params, prompts, cfg, scfg)
