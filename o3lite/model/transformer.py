@@ -21,8 +21,9 @@ slot q may attend to key slot s iff s <= q and both carry the same non-zero segm
 (`default_mask`); a caller may pass its own mask [B, T, S] instead (e.g. Quiet-STaR's
 thoughts, which see their own prefix only), and the model assumes nothing of it. Positions
 are given by the caller, so right-padded prompts of different lengths keep correct positions.
-Each row writes its T new tokens at its own `end_index` and advances it by the number of
-them with a non-zero segment id (right-padded input: its real tokens), so the rows of one
+The attention itself (`attend`, `attend_cache`) is in attention.py. Each row writes its T
+new tokens at its own `end_index` and advances it by the number of them with a non-zero
+segment id (right-padded input: its real tokens), so the rows of one
 batch can be at different lengths: a sampler appends ragged continuations, forks rows, and
 stopped rows stay where they are.
 
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 
 from o3lite import errors
 from o3lite.model import cpu_kernels as kernels
+from o3lite.model.attention import attend, attend_cache
 
 Cache = dict[str, Any]
 
@@ -211,80 +213,6 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled
   medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
   return jnp.where(medium, smoothed, scaled)
-
-
-def _attend_heads(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS):
-  logits_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH,
-                                k_BxKxSxH).astype(jnp.float32)
-  logits_BxKxGxTxS *= q_BxKxGxTxH.shape[-1] ** -0.5
-  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
-  probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(q_BxKxGxTxH.dtype)
-  return jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, v_BxKxSxH)
-
-
-def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, num_blocks: int = 1):
-  """Grouped-query softmax attention: softmax(q k^T / sqrt(H), masked) v -> [B, T, N, H].
-
-  Query head n reads kv head n // G. Logits and softmax are in fp32; masked-out slots
-  get -1e30 (a row with no allowed slot, e.g. padding, averages v uniformly: harmless,
-  nothing reads it). `num_blocks` > 1 promises causal self-attention (S == T and
-  `mask_BxTxS` only allows key slot <= query slot): query block i then attends over key
-  blocks 0..i only (the same result; a padding row averages those blocks' v instead).
-  """
-  B, T, N, H = q_BxTxNxH.shape
-  K = k_BxKxSxH.shape[1]
-
-  def heads_first(q_BxTxNxH):
-    return q_BxTxNxH.reshape(B, -1, K, N // K, H).transpose(0, 2, 3, 1, 4)
-
-  def heads_last(out_BxKxGxTxH):
-    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, -1, N, H)
-
-  if num_blocks == 1:
-    return heads_last(_attend_heads(heads_first(q_BxTxNxH), k_BxKxSxH, v_BxKxSxH,
-                                    mask_BxTxS))
-  size, outs = T // num_blocks, []
-  for lo in range(0, T, size):  # Queries [lo, lo + size) see keys [0, lo + size).
-    hi = lo + size
-    outs.append(heads_last(_attend_heads(
-        heads_first(q_BxTxNxH[:, lo:hi]), k_BxKxSxH[:, :, :hi], v_BxKxSxH[:, :, :hi],
-        mask_BxTxS[:, lo:hi, :hi])))
-  return jnp.concatenate(outs, axis=1)
-
-
-def attend_cache(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, chunk: int, filled):
-  """`attend` over the first `filled` (int32 scalar) slots of a cache, `chunk` slots at a
-  time (S a multiple of it), with an online softmax (Milakov & Gimelshein 2018; flash-
-  decoding): a running max, sum and weighted sum per query, rescaled as each chunk
-  comes. One compiled loop whose trip count is ceil(filled / chunk), so a step reads the
-  filled slots only, whatever the cache's size. Same values as `attend` (up to
-  rounding) where no query may see a slot at or past `filled`."""
-  B, T, N, H = q_BxTxNxH.shape
-  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
-  G = N // K
-  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-  dt = q_BxTxNxH.dtype
-
-  def one_chunk(c, carry):
-    max_BxKxGxT, sum_BxKxGxT, acc_BxKxGxTxH = carry
-    k_BxKxCxH = jax.lax.dynamic_slice_in_dim(k_BxKxSxH, c * chunk, chunk, axis=2)
-    v_BxKxCxH = jax.lax.dynamic_slice_in_dim(v_BxKxSxH, c * chunk, chunk, axis=2)
-    mask_BxTxC = jax.lax.dynamic_slice_in_dim(mask_BxTxS, c * chunk, chunk, axis=2)
-    logits = jnp.einsum("bkgth,bkch->bkgtc", q_BxKxGxTxH, k_BxKxCxH).astype(jnp.float32)
-    logits = jnp.where(mask_BxTxC[:, None, None], logits * H ** -0.5, -1e30)
-    new_max = jnp.maximum(max_BxKxGxT, logits.max(-1))
-    p_BxKxGxTxC = jnp.exp(logits - new_max[..., None])
-    rescale = jnp.exp(max_BxKxGxT - new_max)
-    acc = acc_BxKxGxTxH * rescale[..., None] + jnp.einsum(
-        "bkgtc,bkch->bkgth", p_BxKxGxTxC.astype(dt), v_BxKxCxH).astype(jnp.float32)
-    return new_max, sum_BxKxGxT * rescale + p_BxKxGxTxC.sum(-1), acc
-
-  count = jnp.clip((filled + chunk - 1) // chunk, 1, S // chunk)
-  init = (jnp.full((B, K, G, T), -1e30, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
-          jnp.zeros((B, K, G, T, H), jnp.float32))
-  _, total, acc = jax.lax.fori_loop(0, count, one_chunk, init)
-  out_BxKxGxTxH = (acc / total[..., None]).astype(dt)
-  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 class Attention(nn.Module):
