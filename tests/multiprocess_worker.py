@@ -114,7 +114,7 @@ def reward_rounds(state, mesh) -> dict:
                                     decode=lambda tokens: " ".join(map(str, tokens)))
   stream = rollouts.PromptStream([{"question": f"q{i}", "cot": "", "answer": "2"}
                                   for i in range(4)], tokenizer, seed=0, max_prompt_len=8)
-  settings = rollouts.RolloutSettings(prompts_per_step=2, group_size=2, max_new_tokens=4,
+  settings = rollouts.RolloutSettings(prompts_per_step=2, group_size=2,
                                       dynamic_sampling=True, max_sampling_rounds=3)
   policy = policy_lib.Policy(state.params["policy"], model_cfg, tokenizer, mesh, RULES)
   groups, position, stats = rollouts.sample_groups(

@@ -124,7 +124,9 @@ class RewardRegistry(Registry):
     return register_fn
 
   def check_options(self, name: str, options: Mapping) -> None:
-    """A ConfigError for options a reward does not take (or that its validator rejects)."""
+    """A ConfigError for an unknown name, or options it does not take (or that its
+    validator rejects)."""
+    self.lookup(name)
     if name not in self.factories and options:
       raise errors.ConfigError(f"{self.what} {name!r} takes no options; got "
                                f"{sorted(options)}")
@@ -134,9 +136,9 @@ class RewardRegistry(Registry):
   def build(self, name: str, context: RewardContext, options: Mapping | None = None
             ) -> Callable:
     """The function of `name`: itself, or its factory's result for `context`."""
-    fn = self.lookup(name)
     options = dict(options or {})
     self.check_options(name, options)
+    fn = self[name]
     if name not in self.factories:
       return fn
     try:

@@ -54,8 +54,7 @@ class RolloutSettings:
   """What a step samples (the `rl` section's rollout fields, read once by the stage)."""
 
   prompts_per_step: int
-  group_size: int  # Completions per prompt.
-  max_new_tokens: int
+  group_size: int  # Completions per prompt (each at most `sampling.max_new_tokens`).
   dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill.
   max_sampling_rounds: int = 1
 
@@ -88,7 +87,7 @@ def sample_groups(policy: policy_lib.Policy, settings: RolloutSettings,
       texts += d.texts
       lengths += d.generated_tokens
     # Scored on process 0, the same on every process: so are `keep` and the rounds.
-    scores = scorer.score(examples, texts, lengths, settings.max_new_tokens + 1)
+    scores = scorer.score(examples, texts, lengths, sampling.max_new_tokens + 1)
     stats["reward_failures"] += scores.failures
     stats["reward_timeouts"] += scores.timeouts
     stats["sampling_rounds"] += 1

@@ -80,7 +80,6 @@ def validate_rl(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f"rl.vocab_chunk={rl_cfg.vocab_chunk} must be >= 0")
   process = rl_cfg.process_reward
   if process.function:
-    rewards_lib.STEP_REWARDS.lookup(process.function)
     rewards_lib.STEP_REWARDS.check_options(process.function, dict(process.options))
     alg.step_rewards([], process.mode)
 
@@ -109,7 +108,7 @@ def run_settings(rl_cfg) -> tuple[rollouts.RolloutSettings, draws.Sampling]:
   """The rollout and sampling settings of the `rl` section."""
   rollout = rollouts.RolloutSettings(
       prompts_per_step=rl_cfg.prompts_per_step, group_size=rl_cfg.group_size,
-      max_new_tokens=rl_cfg.max_new_tokens, dynamic_sampling=rl_cfg.dynamic_sampling,
+      dynamic_sampling=rl_cfg.dynamic_sampling,
       max_sampling_rounds=rl_cfg.max_sampling_rounds)
   sampling = draws.Sampling(max_new_tokens=rl_cfg.max_new_tokens,
                             temperature=rl_cfg.temperature,
