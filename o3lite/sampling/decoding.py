@@ -246,10 +246,14 @@ def _decode(params, state: SamplingState, limit: jax.Array,
 
 
 @contextlib.contextmanager
-def grown_cache_donation_expected():
-  """Silences JAX's warning that a donated cache went unused: expected where the output
-  cache is larger than the input (`extend` growing the cache, the verifiers' step
-  reader): never around a call whose cache keeps its size."""
+def grown_cache_donation_expected(resized: bool = True):
+  """Where `resized` (the call's output cache has another size than its donated input:
+  `extend` growing the cache, the verifiers' step reader), silences JAX's warning that
+  the donated cache went unused; otherwise silences nothing, so a cache that keeps its
+  size and is not reused still warns."""
+  if not resized:
+    yield
+    return
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     yield

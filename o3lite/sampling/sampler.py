@@ -170,10 +170,7 @@ def extend(params, state: SamplingState, suffixes: Sequence[Sequence[int] | None
   capacity = max(slots, cfg.cache_slots(int(end_B.max()) + T + 1 + cfg.max_new_tokens))
   placed = where.put(new=new_BxT, length=lengths, feed=feed)
   rng = jax.random.fold_in(state.rng, 1) if rng is None else rng
-  # A cache that grows cannot reuse the donated buffer (JAX warns): expected only then.
-  grows = capacity > slots
-  with where.context(), (grown_cache_donation_expected() if grows
-                         else contextlib.nullcontext()):
+  with where.context(), grown_cache_donation_expected(resized=capacity != slots):
     state, logprobs_BxT = decoding.extend(params, state, placed["new"], placed["length"],
                                           placed["feed"], rng, model_cfg, cfg, capacity,
                                           score)

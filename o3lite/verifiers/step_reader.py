@@ -203,7 +203,8 @@ class CachedReader:
     capacity = _round_up(int(self._length.max()) + T, _SLOTS)
     placed = self._where.put(new=new_BxT, length=counts)
     run = _peek if keep else _extend
-    with self._where.context(), decoding.grown_cache_donation_expected():
+    resized = capacity != self._cache["segment_ids"].shape[1]
+    with self._where.context(), decoding.grown_cache_donation_expected(resized):
       p_BxT, cache = run(self.verifier.params, self._cache, placed["new"], placed["length"],
                          self.verifier.model_cfg, capacity)
     self.verifier.tokens_scored += int(counts.sum())
