@@ -111,7 +111,9 @@ def main(argv):
       print(rows[-1], f"compiled in {time.time() - t0:.0f} s", flush=True)
   print(common.markdown_table(["vocab chunk", "grad accum", "function", "arguments GiB",
                                "temporaries GiB", "peak GiB"], rows))
-  path = common.write_results("rl_memory", {"minibatch": [B, T], "results": results})
+  # The config's own shape is `rl_memory.json`; another row length gets its own file.
+  name = "rl_memory" if T == rl_cfg.max_prompt_len + rl_cfg.max_new_tokens else f"rl_memory_T{T}"
+  path = common.write_results(name, {"minibatch": [B, T], "results": results})
   print(f"wrote {path}")
 
 

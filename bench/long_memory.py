@@ -1,0 +1,102 @@
+r"""How many rows of a long chain fit a GPU's memory when decoding at the Qwen2.5-0.5B shape.
+
+  python -m bench.long_memory                     # 16,384 new tokens, bf16 cache, 80 GiB
+  python -m bench.long_memory --new_tokens=4096 --memory_gib=40
+
+Nothing is allocated: as `bench/rl_memory.py` does, the decode loop (`decoding._decode`,
+the one compiled `while_loop`) is lowered for abstract parameters and an abstract
+sampling state and compiled for the devices JAX sees; XLA's `memory_analysis()` gives
+its bytes (arguments + temporaries + outputs not aliased to the donated state). The
+cache has `SamplingConfig.cache_slots(prompt + new_tokens)` slots per row (the bucket
+the sampler picks). Peak memory is affine in the rows B, so two batch sizes give the
+fixed part (parameters, the compiled loop's own buffers) and the part per row (the KV
+cache above all); the most rows that fit is then checked by compiling at that B.
+
+The parameters are kept in fp32, as o3lite keeps them (compute in bf16 casts them per
+use); the figures are XLA:CPU's buffer assignment, which on a GPU differs in detail
+(fusion, workspaces), not in what dominates (the cache). The learner's side of long rows
+is `python -m bench.rl_memory --seq_len=4096 --minibatch_size=1` (see RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from o3lite.model import transformer as model_lib
+from o3lite.sampling import decoding
+from o3lite.sampling.choice import SamplingConfig
+
+_NEW = flags.DEFINE_integer("new_tokens", 16_384, "New tokens per row.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens per row.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute and cache dtype.")
+_MEMORY = flags.DEFINE_float("memory_gib", 80.0, "The accelerator's memory, GiB.")
+
+GIB = 1024 ** 3
+
+
+def decode_peak_bytes(model_cfg, sampling_cfg, rows: int, prompt_len: int) -> dict:
+  """XLA's peak bytes of the decode loop for `rows` rows (nothing allocated)."""
+  params = jax.eval_shape(lambda: nn.unbox(model_lib.init_params(model_cfg,
+                                                                  jax.random.key(0))))
+  capacity = sampling_cfg.cache_slots(prompt_len + sampling_cfg.max_new_tokens)
+  ccfg = sampling_cfg.compiled()
+  prompt = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
+  state = jax.eval_shape(
+      lambda p, x, n: decoding._prefill(  # pylint: disable=protected-access
+          p, x, n, jax.random.PRNGKey(0), model_cfg, ccfg, capacity), params, prompt, lengths)
+  compiled = decoding._decode.lower(  # pylint: disable=protected-access
+      params, state, jax.ShapeDtypeStruct((), jnp.int32), model_cfg, ccfg).compile()
+  m = compiled.memory_analysis()
+  peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes)
+  cache = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+              for x in jax.tree.leaves(state.cache))
+  return {"rows": rows, "cache_slots": capacity, "peak_bytes": int(peak),
+          "cache_bytes": cache, "temporaries_bytes": int(m.temp_size_in_bytes),
+          "parameter_bytes": sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                                 for x in jax.tree.leaves(params))}
+
+
+def main(argv):
+  del argv
+  model_cfg = model_lib.ModelConfig.qwen2_5_0_5b(dtype=_DTYPE.value)
+  scfg = SamplingConfig(max_new_tokens=_NEW.value, eos_id=-1)
+  P, budget = _PROMPT.value, _MEMORY.value * GIB
+  t0 = time.time()
+  small, large = (decode_peak_bytes(model_cfg, scfg, b, P) for b in (8, 16))
+  per_row = (large["peak_bytes"] - small["peak_bytes"]) / 8
+  fixed = small["peak_bytes"] - 8 * per_row
+  rows = int((budget - fixed) // per_row)
+  rows -= rows % 8  # Rows split over a mesh's batch shards in multiples of 8.
+  fits = decode_peak_bytes(model_cfg, scfg, rows, P)
+  while fits["peak_bytes"] > budget:  # The affine fit was off: step down.
+    rows -= 8
+    fits = decode_peak_bytes(model_cfg, scfg, rows, P)
+  result = {
+      "model": "Qwen2.5-0.5B shape", "dtype": _DTYPE.value, "prompt_len": P,
+      "new_tokens": _NEW.value, "cache_slots": fits["cache_slots"],
+      "kv_bytes_per_token": 2 * model_cfg.num_layers * model_cfg.num_kv_heads
+                            * model_cfg.head_dim * jnp.dtype(_DTYPE.value).itemsize,
+      "per_row_gib": per_row / GIB, "fixed_gib": fixed / GIB, "memory_gib": _MEMORY.value,
+      "rows_that_fit": rows, "peak_gib_at_rows": fits["peak_bytes"] / GIB,
+      "parameter_gib": fits["parameter_bytes"] / GIB, "cache_gib_at_rows": fits[
+          "cache_bytes"] / GIB, "compile_and_analysis_s": time.time() - t0}
+  print(common.markdown_table(
+      ["new tokens", "cache slots", "dtype", "GiB per row", "fixed GiB",
+       f"rows in {_MEMORY.value:g} GiB", "peak GiB there"],
+      [[f"{_NEW.value:,}", f"{fits['cache_slots']:,}", _DTYPE.value, f"{per_row / GIB:.3f}",
+        f"{fixed / GIB:.2f}", str(rows), f"{fits['peak_bytes'] / GIB:.2f}"]]))
+  print("wrote", common.write_results(f"long_memory_{_NEW.value}", result))
+
+
+if __name__ == "__main__":
+  app.run(main)
