@@ -10,8 +10,9 @@ row decodes exactly N tokens. Each length runs in its own process (`--child`), s
 peak resident memory (`ru_maxrss`) is its own. In the child:
 
   compile   seconds of ahead-of-time compilation of the prefill and the decode loop
-  decode    one timed decode call of N - 1 steps (the prefill chose the first token) with
-            the compiled executable: new tokens/s = 8 x (N - 1) / seconds, and ms per step
+  decode    a timed decode call of N - 1 steps (the prefill chose the first token) with
+            the compiled executable (best of 3 up to 1,024 tokens, else one): new
+            tokens/s = 8 x (N - 1) / seconds, and ms per step
   floor     ms per step of the same step as plain `jnp` ops chained in one jitted
             function: the projections, the output head, and attention over a filled cache
             of the chain's mean context (prompt + N / 2) as einsums and a softmax, nothing
@@ -126,12 +127,14 @@ def child() -> dict:
     slots = P + new
   compile_s = time.perf_counter() - t0  # (Includes one prefill: milliseconds.)
 
-  state = run_prefill()
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  state = run_decode(state)
-  tokens = np.asarray(state.tokens_BxN)
-  decode_s = time.perf_counter() - t0
+  decode_s = float("inf")
+  for _ in range(3 if new <= 1024 else 1):  # Best of 3 where a call is short.
+    state = run_prefill()
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    state = run_decode(state)
+    tokens = np.asarray(state.tokens_BxN)
+    decode_s = min(decode_s, time.perf_counter() - t0)
   assert int(state.num_new_B.min()) == new, "every row decodes exactly N tokens"
   steps = new - 1
   return {
@@ -147,9 +150,10 @@ def child() -> dict:
 def run_child(new: int, src: str) -> dict:
   env = {**os.environ, "PYTHONPATH": src}
   # This script, with the o3lite of `src` first on the path.
+  chunk = [f"--attention_chunk={_CHUNK.value}"] if src == ROOT else []
   out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
                         f"--new_tokens={new}", f"--batch={_BATCH.value}",
-                        f"--prompt_len={_PROMPT.value}"],
+                        f"--prompt_len={_PROMPT.value}", *chunk],
                        cwd=src, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
