@@ -45,7 +45,7 @@ class SamplingConfig:
   # Attention over the KV cache reads it in chunks of this many slots, only those up to
   # the longest row's end (flash-decoding's online softmax): a step's cost follows the
   # filled part, not the cache's size. 0 = every slot at once.
-  attention_chunk: int = 128
+  attention_chunk: int = 64
 
   def __post_init__(self):
     # Lists become tuples: the config must stay hashable.
