@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict()
   c.sft.batch_size = 32  # Rows per step (global, across all devices).
   c.sft.grad_accum_steps = 1  # Microbatches per step (batch_size must divide).
+  # Log-probs over vocabulary chunks of this size (0 = one [B, T, V] log-softmax): a big
+  # vocabulary's logits are never held whole (no token-accuracy metric then).
+  c.sft.vocab_chunk = 0
 
   c.loop = loop(num_steps=800, log_every=50, eval_every=400, checkpoint_every=200,
                 keep_checkpoints=3)

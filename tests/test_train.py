@@ -166,6 +166,12 @@ def test_impossible_mesh_is_a_one_line_error(tmp_path, data_dir):
   assert "Traceback" not in err
 
 
+def test_a_negative_sft_vocab_chunk_is_a_one_line_error(tmp_path, data_dir):
+  err = _run_cli_expecting_error(tmp_path, data_dir, "--config.sft.vocab_chunk=-8")
+  assert "sft.vocab_chunk=-8 must be at least 0" in err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_wrong_type_is_an_error(tmp_path, data_dir):
   err = _run_cli_expecting_error(tmp_path, data_dir, "--config.loop.num_steps=many")
   assert err.strip().startswith("o3lite: config error: flag --config.loop.num_steps=many")

@@ -142,6 +142,8 @@ class SFT(stage_lib.Stage):
     for name in ("batch_size", "grad_accum_steps"):
       if s[name] < 1:
         raise errors.ConfigError(f"sft.{name}={s[name]} must be at least 1")
+    if s.get("vocab_chunk", 0) < 0:
+      raise errors.ConfigError(f"sft.vocab_chunk={s.vocab_chunk} must be at least 0")
     if s.batch_size % s.grad_accum_steps:
       raise errors.ConfigError(f"sft.batch_size={s.batch_size} is not divisible by "
                                f"sft.grad_accum_steps={s.grad_accum_steps}")
@@ -175,7 +177,8 @@ class SFT(stage_lib.Stage):
 
     batch_sharding = sharding_lib.batch_sharding(ctx.mesh, ctx.rules)
     step_fn = step_lib.jit_train_step(
-        step_lib.make_train_step(losses.get_loss("sft_cross_entropy", ctx.model_cfg), tx,
+        step_lib.make_train_step(losses.get_loss("sft_cross_entropy", ctx.model_cfg,
+                                                 vocab_chunk=s.get("vocab_chunk", 0)), tx,
                                  s.grad_accum_steps),
         spec.shardings, batch_sharding, ctx.mesh, ctx.rules)
     add_tokens, tokens_per_second = timed_tokens()
