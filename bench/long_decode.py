@@ -130,28 +130,26 @@ def child() -> dict:
     slots = P + new
   compile_s = time.perf_counter() - t0  # (Includes one prefill: milliseconds.)
 
-  decode_s = float("inf")
-  for _ in range(0 if new > _DECODE_MAX.value else 3 if new <= 1024 else 1):  # Best of 3 where a call is short.
-    state = run_prefill()
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    state = run_decode(state)
-    tokens = np.asarray(state.tokens_BxN)
-    decode_s = min(decode_s, time.perf_counter() - t0)
-  steps = new - 1
-  if decode_s == float("inf"):  # Compiled only.
-    return {"new_tokens": new, "batch": B, "prompt_len": P, "cache_slots": slots,
-            "one_loop": current, "compile_s": compile_s, "decoded": False,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-  assert int(state.num_new_B.min()) == new, "every row decodes exactly N tokens"
-  return {"decoded": True, 
-      "new_tokens": new, "batch": B, "prompt_len": P, "cache_slots": slots,
-      "one_loop": current, "compile_s": compile_s, "decode_s": decode_s,
-      "tokens_per_s": B * steps / decode_s, "ms_per_step": decode_s / steps * 1e3,
-      "floor_ms_per_step": floor_step_ms(cfg, B, P + new // 2),
-      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      "first_tokens": tokens[0, :8].tolist(),
-  }
+  decoded = new <= _DECODE_MAX.value
+  row = {"new_tokens": new, "batch": B, "prompt_len": P, "cache_slots": slots,
+         "one_loop": current, "compile_s": compile_s, "decoded": decoded}
+  if decoded:
+    decode_s = float("inf")
+    for _ in range(3 if new <= 1024 else 1):  # Best of 3 where a call is short.
+      state = run_prefill()
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      state = run_decode(state)
+      tokens = np.asarray(state.tokens_BxN)
+      decode_s = min(decode_s, time.perf_counter() - t0)
+    assert int(state.num_new_B.min()) == new, "every row decodes exactly N tokens"
+    steps = new - 1
+    row.update(decode_s=decode_s, tokens_per_s=B * steps / decode_s,
+               ms_per_step=decode_s / steps * 1e3,
+               floor_ms_per_step=floor_step_ms(cfg, B, P + new // 2),
+               first_tokens=tokens[0, :8].tolist())
+  row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return row
 
 
 def run_child(new: int, src: str) -> dict:

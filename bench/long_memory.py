@@ -48,6 +48,10 @@ _MEMORY = flags.DEFINE_float("memory_gib", 80.0, "The accelerator's memory, GiB.
 GIB = 1024 ** 3
 
 
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def decode_peak_bytes(model_cfg, sampling_cfg, rows: int, prompt_len: int) -> dict:
   """XLA's peak bytes of the decode loop for `rows` rows (nothing allocated)."""
   params = jax.eval_shape(lambda: nn.unbox(model_lib.init_params(model_cfg,
@@ -61,15 +65,10 @@ def decode_peak_bytes(model_cfg, sampling_cfg, rows: int, prompt_len: int) -> di
           p, x, n, jax.random.PRNGKey(0), model_cfg, ccfg, capacity), params, prompt, lengths)
   compiled = decoding._decode.lower(  # pylint: disable=protected-access
       params, state, jax.ShapeDtypeStruct((), jnp.int32), model_cfg, ccfg).compile()
-  m = compiled.memory_analysis()
-  peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-          - m.alias_size_in_bytes)
-  cache = sum(int(np.prod(x.shape)) * x.dtype.itemsize
-              for x in jax.tree.leaves(state.cache))
-  return {"rows": rows, "cache_slots": capacity, "peak_bytes": int(peak),
-          "cache_bytes": cache, "temporaries_bytes": int(m.temp_size_in_bytes),
-          "parameter_bytes": sum(int(np.prod(x.shape)) * x.dtype.itemsize
-                                 for x in jax.tree.leaves(params))}
+  memory = common.compiled_memory(compiled)
+  return {"rows": rows, "cache_slots": capacity, "peak_bytes": memory["peak"],
+          "cache_bytes": tree_bytes(state.cache), "temporaries_bytes": memory["temporaries"],
+          "parameter_bytes": tree_bytes(params)}
 
 
 def affine(model_cfg, sampling_cfg, prompt_len: int) -> tuple[float, float, float]:

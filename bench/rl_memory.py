@@ -45,14 +45,7 @@ GIB = 1024 ** 3
 
 
 def _analysis(compiled) -> dict[str, float]:
-  m = compiled.memory_analysis()
-  out = {"arguments_gib": m.argument_size_in_bytes / GIB,
-         "outputs_gib": m.output_size_in_bytes / GIB,
-         "aliased_gib": m.alias_size_in_bytes / GIB,
-         "temporaries_gib": m.temp_size_in_bytes / GIB}
-  out["peak_gib"] = (out["arguments_gib"] + out["temporaries_gib"] + out["outputs_gib"]
-                     - out["aliased_gib"])
-  return out
+  return {f"{key}_gib": value / GIB for key, value in common.compiled_memory(compiled).items()}
 
 
 def main(argv):
@@ -112,7 +105,8 @@ def main(argv):
   print(common.markdown_table(["vocab chunk", "grad accum", "function", "arguments GiB",
                                "temporaries GiB", "peak GiB"], rows))
   # The config's own shape is `rl_memory.json`; another row length gets its own file.
-  name = "rl_memory" if T == rl_cfg.max_prompt_len + rl_cfg.max_new_tokens else f"rl_memory_T{T}"
+  own_length = T == rl_cfg.max_prompt_len + rl_cfg.max_new_tokens
+  name = "rl_memory" if own_length else f"rl_memory_T{T}"
   path = common.write_results(name, {"minibatch": [B, T], "results": results})
   print(f"wrote {path}")
 
