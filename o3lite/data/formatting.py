@@ -33,7 +33,11 @@ def format_prompt(question: str, hint: str | None = None, system: str | None = N
 
 def encode_prompt(tokenizer, question: str, hint: str | None = None,
                   system: str | None = None) -> list[int]:
-  """The prompt's token ids (see `format_prompt`)."""
+  """The prompt's token ids (see `format_prompt`); with a chat tokenizer (`tokenizer.chat`,
+  from `data.chat_template`) the question (and hint) is the user's turn and `system` the
+  system turn of its chat template, and the ids end where the assistant's turn begins."""
+  if getattr(tokenizer, "chat", False):
+    return tokenizer.encode_chat(format_prompt(question, hint).removesuffix("\n"), system)
   return tokenizer.encode(format_prompt(question, hint, system))
 
 

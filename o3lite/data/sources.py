@@ -105,9 +105,14 @@ def get_tokenizer(data_cfg: Any) -> tokenizers.Tokenizer:
   the prepared dataset's folder, so the same data always get the same one.
   """
   path = data_cfg.tokenizer
+  chat = bool(data_cfg.get("chat_template", False))
+  if path and os.path.isdir(path):
+    return tokenizers.HFTokenizer(path, chat)
+  if chat:
+    raise errors.ConfigError("data.chat_template=True needs a Hugging Face tokenizer "
+                             "folder (init_from or data.tokenizer); this run's tokenizer "
+                             "is SentencePiece, which has no chat template")
   if path:
-    if os.path.isdir(path):
-      return tokenizers.HFTokenizer(path)
     if path.endswith(".model"):
       return tokenizers.SentencePieceTokenizer(path)
     raise errors.ConfigError(f"Tokenizer {path!r} is neither a SentencePiece "

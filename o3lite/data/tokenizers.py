@@ -2,11 +2,13 @@
 
 Both expose the same small interface (`Tokenizer`): `encode` adds no EOS,
 `decode` stops at the first EOS and drops padding, and the think delimiters of
-`o3lite.formatting` are single ids.
+`o3lite.formatting` are single ids. A Hugging Face tokenizer can also wrap prompts in
+its chat template (`chat`, from `data.chat_template`; `formatting.encode_prompt`).
 
   tokenizer = sources.get_tokenizer(config.data)   # o3lite.data.sources
 """
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -17,6 +19,9 @@ from o3lite import errors
 from o3lite.data import formatting
 
 SENTENCEPIECE_FILE = "tokenizer.model"
+# Beside a saved Hugging Face tokenizer: {"chat_template": true} when its run's prompts
+# were wrapped in the chat template, so whatever loads the run formats them the same way.
+PROMPT_FORMAT_FILE = "o3lite_prompt_format.json"
 
 
 class Tokenizer(Protocol):
@@ -28,6 +33,7 @@ class Tokenizer(Protocol):
   think_start_id: int
   think_end_id: int
   path: str  # where it was loaded from: a .model file or a folder.
+  chat: bool  # prompts are wrapped in the tokenizer's chat template (encode_chat).
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without EOS."""
@@ -65,6 +71,7 @@ class SentencePieceTokenizer:
     if not os.path.isfile(model_file):
       raise errors.ConfigError(f"SentencePiece model not found: {model_file}")
     self.path = model_file
+    self.chat = False  # A SentencePiece model has no chat template.
     self._sp = spm.SentencePieceProcessor(model_file=model_file)
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = self._sp.pad_id()
@@ -165,7 +172,9 @@ class HFTokenizer:
   embedding already had spare rows (Qwen2.5: 151,936 rows, 151,665 tokens).
   """
 
-  def __init__(self, local_dir: str):
+  def __init__(self, local_dir: str, chat_template: bool = False):
+    """`chat_template`: wrap prompts in the folder's chat template (also on when the
+    folder was saved by a run that did); a one-line DataError when it has none."""
     if not os.path.isdir(local_dir):
       raise errors.ConfigError(f"Hugging Face tokenizer folder not found: "
                                f"{local_dir}")
@@ -193,9 +202,21 @@ class HFTokenizer:
     self.vocab_size = len(self._tok)
     self.think_start_id = _single_id(self, formatting.THINK_START)
     self.think_end_id = _single_id(self, formatting.THINK_END)
+    self.chat = bool(chat_template) or _saved_chat(local_dir)
+    if self.chat and not getattr(self._tok, "chat_template", None):
+      raise errors.DataError(f"{local_dir}: its tokenizer has no chat template, so prompts "
+                             "cannot be chat-formatted: set data.chat_template=False")
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False)
+
+  def encode_chat(self, user: str, system: str | None = None) -> list[int]:
+    """Ids of the chat template's prompt: [the system turn,] the user turn, and the
+    opening of the assistant's turn (the generation prompt), which the model completes."""
+    messages = [{"role": "system", "content": system}] if system else []
+    text = self._tok.apply_chat_template(messages + [{"role": "user", "content": user}],
+                                         tokenize=False, add_generation_prompt=True)
+    return self.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode(_until_eos(ids, self.eos_id, self.pad_id),
@@ -204,6 +225,17 @@ class HFTokenizer:
 
   def save(self, directory: str) -> None:
     self._tok.save_pretrained(directory)
+    if self.chat:
+      with open(os.path.join(directory, PROMPT_FORMAT_FILE), "w") as f:
+        json.dump({"chat_template": True}, f)
+
+
+def _saved_chat(directory: str) -> bool:
+  path = os.path.join(directory, PROMPT_FORMAT_FILE)
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return bool(json.load(f).get("chat_template", False))
 
 
 def saved_path(directory: str) -> str:

@@ -80,7 +80,7 @@ def evaluate(policy: policy_lib.Policy, examples: Sequence[dict], checker: Check
   """All held-out metrics of `settings` on `examples`, and one record per problem."""
   tokenizer = policy.tokenizer
   prompts_text = [formatting.format_prompt(ex["question"]) for ex in examples]
-  prompts = [tokenizer.encode(p) for p in prompts_text]
+  prompts = [formatting.encode_prompt(tokenizer, ex["question"]) for ex in examples]
   greedy = draws.Sampling(max_new_tokens=settings.max_new_tokens, temperature=0.0)
   run = lambda sampling, n=1, key=None: draws.draw(policy, prompts, n, sampling, key,
                                                    problems_per_call=settings.batch_size)

@@ -42,11 +42,13 @@ class Source:
   path: str
   is_hf: bool
 
-  def tokenizer(self):
-    """Its tokenizer (a Hugging Face folder's own, or the one a run folder saved)."""
+  def tokenizer(self, chat_template: bool = False):
+    """Its tokenizer (a Hugging Face folder's own, or the one a run folder saved), its
+    prompts in the chat template when asked (`data.chat_template`) or when the run
+    folder's were."""
     if self.is_hf:
-      return tokenizer_lib.HFTokenizer(self.path)
-    return saved_tokenizer(self.path)
+      return tokenizer_lib.HFTokenizer(self.path, chat_template)
+    return saved_tokenizer(self.path, chat_template)
 
   def model_config(self, model_fields=None, vocab_size: int = 0) -> model_lib.ModelConfig:
     """Its shape: a run folder's saved model config, or a Hugging Face folder's (with
@@ -92,10 +94,11 @@ def load(path: str, model_fields, mesh, rules, field: str = "init_from",
   return policy_lib.Policy(params, model_cfg, tokenizer, mesh, rules)
 
 
-def saved_tokenizer(run_dir: str):
+def saved_tokenizer(run_dir: str, chat_template: bool = False):
   """The tokenizer an o3lite run folder saved."""
   return sources.get_tokenizer(ml_collections.ConfigDict({
-      "tokenizer": tokenizer_lib.saved_path(os.path.join(run_dir, run_folder.TOKENIZER_DIR))}))
+      "tokenizer": tokenizer_lib.saved_path(os.path.join(run_dir, run_folder.TOKENIZER_DIR)),
+      "chat_template": chat_template}))
 
 
 def resolve(path: str, field: str = "init_from") -> Source:

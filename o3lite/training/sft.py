@@ -228,7 +228,7 @@ def load_run(workdir: str, step: int | None = None,
     config.mesh.shape = type(config.mesh.shape)(mesh_shape)  # list, as JSON loads it
   source = policy_source.Source(workdir, is_hf=False)
   model_cfg = run_folder.load_model_config(workdir)
-  tokenizer = source.tokenizer()
+  tokenizer = source.tokenizer(config.data.get("chat_template", False))
   config.lock()
   mesh, rules = stage_lib.mesh_and_rules(config)
   # Only the policy is read: no optimizer state.

@@ -262,7 +262,7 @@ def context(config, workdir: str, source_path: str) -> Context:
     tokenizer = data_tokenizer(config)
     model_cfg = model_config_from(config.model, tokenizer.vocab_size)
   else:
-    tokenizer = source.tokenizer()
+    tokenizer = source.tokenizer(config.data.get("chat_template", False))
     model_cfg = source.model_config(config.model, tokenizer.vocab_size)
   mesh, rules = mesh_and_rules(config)
   return Context(config, workdir, source, tokenizer, model_cfg, mesh, rules)
