@@ -399,6 +399,15 @@ def test_added_tokens_get_the_mean_row_in_spare_rows(case, tmp_path):
         want[:base].mean(0), (2, cfg.embed_dim)), rtol=1e-5, atol=1e-7)
     keep = np.setdiff1d(np.arange(rows), [base, base + 1])
     np.testing.assert_array_equal(got[keep], want[keep])
+  # With its text's pieces (HFTokenizer.added_pieces) a new row is their mean: the two
+  # added tokens start apart.
+  tokenizer.added_pieces = {base: [3, 5, 7], base + 1: [4, 5, 7]}
+  _, params = hf.load_hf_checkpoint(str(tmp_path), min_vocab_size=base + 2,
+                                    tokenizer=tokenizer)
+  want = state["model.embed_tokens.weight"]
+  got = np.asarray(params["embedding"])
+  np.testing.assert_allclose(got[base], want[[3, 5, 7]].mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[base + 1], want[[4, 5, 7]].mean(0), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_bias"])

@@ -172,6 +172,9 @@ def test_hf_tokenizer(tmp_path):
   assert isinstance(tok, tokenizer_lib.HFTokenizer)
   assert tok.vocab_size == base_size + 2  # The two think delimiters.
   assert tok.base_size == base_size and tok.added_ids == [base_size, base_size + 1]
+  pieces = tok.added_pieces  # Each delimiter's ids before it was added: distinct, old.
+  assert set(pieces) == set(tok.added_ids) and pieces[base_size] != pieces[base_size + 1]
+  assert all(len(p) > 1 and max(p) < base_size for p in pieces.values())
   assert tok.encode("<think>") == [tok.think_start_id]
   assert tok.encode("</think>") == [tok.think_end_id]
   assert tok.eos_id == 0 and tok.pad_id == tok.eos_id

@@ -190,10 +190,16 @@ class HFTokenizer:
                              f"from it ({type(e).__name__}: {reason})") from e
     self.base_size = len(self._tok)
     self.added_ids: list[int] = []
+    # Each added token's ids in the original vocabulary ("<think>" -> "<", "think", ">"):
+    # the importer starts its row as their mean, so the two delimiters differ from the
+    # start (two identical mean rows are hard to tell apart: measured, RESULTS.md).
+    self.added_pieces: dict[int, list[int]] = {}
     for delimiter in (formatting.THINK_START, formatting.THINK_END):
-      if len(self.encode(delimiter)) != 1:
+      pieces = self.encode(delimiter)
+      if len(pieces) != 1:
         self._tok.add_tokens([delimiter], special_tokens=True)
         self.added_ids.append(self._tok.convert_tokens_to_ids(delimiter))
+        self.added_pieces[self.added_ids[-1]] = pieces
     if self._tok.eos_token_id is None:
       raise errors.DataError(f"Tokenizer in {local_dir} has no EOS token.")
     self.eos_id = self._tok.eos_token_id

@@ -161,23 +161,31 @@ def _grow_vocab(name: str, x: np.ndarray, from_size: int, vocab_size: int) -> np
   return np.concatenate([x, np.repeat(mean, vocab_size - x.shape[0], axis=0)])
 
 
-def _mean_rows(name: str, x: np.ndarray, new_ids: Sequence[int], trained_rows: int
-               ) -> np.ndarray:
+def _mean_rows(name: str, x: np.ndarray, new_ids: Sequence[int], trained_rows: int,
+               pieces: Mapping[int, Sequence[int]] | None = None) -> np.ndarray:
   """Rows `new_ids` of a vocabulary tensor set to the mean of the trained rows (ids below
   `trained_rows`, the new ones excluded): a token added to the tokenizer starts as an
-  average token, whether the embedding grew for it or had a spare (untrained) row."""
+  average token, whether the embedding grew for it or had a spare (untrained) row. A new
+  id with `pieces` (its text's ids in the original vocabulary, all trained) starts as
+  the mean of those rows instead, so two added tokens do not start identical."""
   if name not in _VOCAB_TENSORS or x.ndim != 2 or not new_ids:
     return x
-  trained = np.setdiff1d(np.arange(min(trained_rows, x.shape[0])), new_ids)
+  limit = min(trained_rows, x.shape[0])
+  trained = np.setdiff1d(np.arange(limit), new_ids)
   x = np.array(x)
   x[np.asarray(new_ids)] = np.asarray(x[trained], np.float32).mean(axis=0).astype(x.dtype)
+  for i in new_ids:
+    own = [p for p in (pieces or {}).get(i, ()) if p < limit and p not in new_ids]
+    if own:
+      x[i] = np.asarray(x[own], np.float32).mean(axis=0).astype(x.dtype)
   return x
 
 
 def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConfig,
                      place: Callable[[tuple[str, ...], np.ndarray], Any],
                      grow_vocab_from: int | None = None, new_ids: Sequence[int] = (),
-                     trained_rows: int = 0) -> dict[str, Any]:
+                     trained_rows: int = 0,
+                     pieces: Mapping[int, Sequence[int]] | None = None) -> dict[str, Any]:
   layout = _layout(cfg)
   names = {name for name in tensors if not _is_ignored(name, cfg)}
   safetensors_io.check_names(names, {t.name for t in layout}, "tensors in the checkpoint")
@@ -186,7 +194,7 @@ def _convert_from_hf(tensors: Mapping[str, np.ndarray], cfg: model_lib.ModelConf
     x = tensors[t.name]
     if grow_vocab_from is not None:
       x = _grow_vocab(t.name, x, grow_vocab_from, cfg.vocab_size)
-    x = _mean_rows(t.name, x, new_ids, trained_rows)
+    x = _mean_rows(t.name, x, new_ids, trained_rows, pieces)
     if tuple(x.shape) != t.hf_shape:
       raise errors.CheckpointError(f"tensor {t.name} has shape {tuple(x.shape)} in the checkpoint, "
                                    f"expected {t.hf_shape} from the config")
@@ -275,7 +283,7 @@ def load_hf_checkpoint(path: str, mesh: jax.sharding.Mesh | None = None,
   new_ids = list(getattr(tokenizer, "added_ids", ()))
   trained_rows = getattr(tokenizer, "base_size", 0)
   return cfg, _convert_from_hf(safetensors_io.read(path), cfg, place, grow_from, new_ids,
-                               trained_rows)
+                               trained_rows, getattr(tokenizer, "added_pieces", None))
 
 
 def _write_json(path: str, value: Any) -> None:
