@@ -167,8 +167,9 @@ class HFTokenizer:
   The think delimiters are added as special tokens if they are not single
   tokens already; `vocab_size` then counts them, so the model's embedding
   must be resized to it. `added_ids` are their ids, `base_size` the number of
-  tokens the folder's tokenizer had (the rows a checkpoint trained), so the
-  importer can give the new rows the mean of the trained ones, even where the
+  tokens the folder's tokenizer had (the rows a checkpoint trained) and
+  `added_pieces` each added token's ids before it was added, so the importer can
+  start each new row as the mean of its pieces' trained rows, even where the
   embedding already had spare rows (Qwen2.5: 151,936 rows, 151,665 tokens).
   """
 
@@ -192,7 +193,7 @@ class HFTokenizer:
     self.added_ids: list[int] = []
     # Each added token's ids in the original vocabulary ("<think>" -> "<", "think", ">"):
     # the importer starts its row as their mean, so the two delimiters differ from the
-    # start (two identical mean rows are hard to tell apart: measured, RESULTS.md).
+    # start (from one shared mean row, SmolLM2's warm start wrote </think> for <think>).
     self.added_pieces: dict[int, list[int]] = {}
     for delimiter in (formatting.THINK_START, formatting.THINK_END):
       pieces = self.encode(delimiter)
