@@ -48,5 +48,14 @@ setuptools.setup(
             "gguf>=0.10",
             "accelerate>=1.0",
         ],
+        # The baseline of bench/trl_grpo.py only (TRL's GRPOTrainer on the same step):
+        # never a requirement to train, test or export.
+        "bench": [
+            "torch==2.13.0",
+            "transformers>=5",
+            "trl==1.16.0",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+        ],
     },
 )

@@ -104,14 +104,3 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
            "| " + " | ".join("---" for _ in headers) + " |"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
-
-
-def compiled_memory(compiled) -> dict[str, int]:
-  """XLA's buffer assignment of a compiled function, in bytes: its arguments, outputs
-  (those aliased to donated arguments counted once), temporaries, and the peak =
-  arguments + temporaries + outputs not aliased to a donated input."""
-  m = compiled.memory_analysis()
-  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
-  out["peak"] = out["arguments"] + out["temporaries"] + out["outputs"] - out["aliased"]
-  return out

@@ -39,6 +39,7 @@ from bench import common
 from o3lite.model import transformer as model_lib
 from o3lite.sampling import decoding
 from o3lite.sampling.choice import SamplingConfig
+from o3lite.training import memory as memory_lib
 
 _NEW = flags.DEFINE_integer("new_tokens", 16_384, "New tokens per row.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens per row.")
@@ -65,7 +66,7 @@ def decode_peak_bytes(model_cfg, sampling_cfg, rows: int, prompt_len: int) -> di
           p, x, n, jax.random.PRNGKey(0), model_cfg, ccfg, capacity), params, prompt, lengths)
   compiled = decoding._decode.lower(  # pylint: disable=protected-access
       params, state, jax.ShapeDtypeStruct((), jnp.int32), model_cfg, ccfg).compile()
-  memory = common.compiled_memory(compiled)
+  memory = memory_lib.compiled_memory(compiled)
   return {"rows": rows, "cache_slots": capacity, "peak_bytes": memory["peak"],
           "cache_bytes": tree_bytes(state.cache), "temporaries_bytes": memory["temporaries"],
           "parameter_bytes": tree_bytes(params)}

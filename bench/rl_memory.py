@@ -19,7 +19,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bench import common
@@ -29,6 +28,7 @@ from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import learner
 from o3lite.rl import run as rl_run
 from o3lite.training import losses
+from o3lite.training import memory
 from o3lite.training import optimizer as optimizer_lib
 from o3lite.training import step as step_lib
 
@@ -45,7 +45,7 @@ GIB = 1024 ** 3
 
 
 def _analysis(compiled) -> dict[str, float]:
-  return {f"{key}_gib": value / GIB for key, value in common.compiled_memory(compiled).items()}
+  return {f"{key}_gib": value / GIB for key, value in memory.compiled_memory(compiled).items()}
 
 
 def main(argv):
@@ -64,13 +64,7 @@ def main(argv):
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, 1000, trees)
   spec = learner.state_spec(model_cfg, tx, algo.uses_critic, mesh, rules)
   bs = sharding_lib.batch_sharding(mesh, rules)
-  ints = lambda: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs)
-  floats = lambda: jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=bs)
-  batch = {"inputs": ints(), "targets": ints(), "positions": ints(),
-           "segment_ids": ints(), "mask": floats(), "old_logp": floats(),
-           "ref_logp": floats(), "advantages": floats()}
-  if algo.uses_critic:
-    batch.update(returns=floats(), old_values=floats())
+  batch = learner.abstract_batch(B, T, algo.uses_critic, bs)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
   print(f"Qwen2.5-0.5B shape ({params:,} trainable parameters), {config.model.dtype} "
         f"compute, remat={config.model.remat}, advantage={algo.advantage}, minibatch "
@@ -89,11 +83,10 @@ def main(argv):
     jobs = [("update step", update, (spec.abstract, batch))]
     if accum == accums[0]:  # The scoring pass does not accumulate.
       jobs.append(("scoring pass", score, (spec.abstract, {
-          k: batch[k] for k in ("inputs", "targets", "positions", "segment_ids")})))
+          k: batch[k] for k in learner.ROLLOUT_KEYS})))
     for name, fn, args in jobs:
       t0 = time.time()
-      with sharding_lib.activation_sharding(mesh, rules):
-        compiled = fn.jitted.lower(*args).compile()
+      compiled = fn.compile(*args)
       figures = _analysis(compiled)
       results.append({"vocab_chunk": chunk, "grad_accum_steps": accum, "function": name,
                       **figures, "compile_s": time.time() - t0})

@@ -28,33 +28,40 @@ def get_config():
   c.data.chat_template = True  # Prompts in SmolLM2's chat template (the user's turn).
   c.model.dtype = "float32"  # Compute dtype (bfloat16 on accelerators halves activations).
 
-  # The warm start (SFT in DIR/sft) from the Hugging Face folder.
+  # The warm start (SFT in DIR/sft) from the Hugging Face folder: sized so that RL starts
+  # weak but not at zero (measured: greedy 0.44, pass@1 0.27, pass@8 0.67 on 64 held-out
+  # problems) in about 4 minutes of training on a 2-core CPU.
   w = c.warm_start
   w.init_from = ""  # Required: the folder of `python -m o3lite.interop.gguf_folder`.
-  w.loop.num_steps = 300  # SFT steps of the warm start.
-  w.sft.batch_size = 32  # Rows per SFT step.
+  w.loop.num_steps = 24  # SFT steps of the warm start (about 8 s each here).
+  w.loop.log_every = 4
+  w.loop.checkpoint_every = 12
+  w.sft.batch_size = 8  # Packed rows of 128 tokens per SFT step.
   w.sft.vocab_chunk = 8192  # Log-probs over 7 chunks of the 49,154-token vocabulary.
-  w.loop.checkpoint_every = 100
-  w.optimizer.learning_rate = 1e-4  # A pretrained model: a small peak rate.
-  w.optimizer.warmup_steps = 30
+  w.optimizer.learning_rate = 3e-4  # Peak rate: enough for the format and most digits.
+  w.optimizer.warmup_steps = 6
 
   c.rl.advantage = "grpo"  # Group-normalized outcome rewards, no critic.
   c.rl.loss_aggregation = "token-mean"
   c.rl.kl_coef = 0.0  # No KL anchor (DAPO, Dr. GRPO).
-  c.loop.num_steps = 100  # RL steps.
-  c.rl.prompts_per_step = 16  # Training prompts per step.
-  c.rl.group_size = 8  # Completions per prompt.
-  c.rl.minibatch_size = 64  # Completions per update: 2 updates per step.
-  c.rl.max_prompt_len = 48  # The chat prompt of "457+385" is 37 tokens.
-  c.rl.max_new_tokens = 64  # A 3-digit chain and its answer take about 43, with EOS 44.
-  c.optimizer.learning_rate = 1e-5  # Policy AdamW peak rate.
+  c.loop.num_steps = 30  # RL steps (about 50 s each here).
+  c.loop.log_every = 1
+  c.rl.prompts_per_step = 4  # Training prompts per step.
+  c.rl.group_size = 8  # Completions per prompt: 32 per step.
+  c.rl.minibatch_size = 16  # Completions per update: 2 updates per step.
+  c.rl.max_prompt_len = 40  # The chat prompt of "457+385" is 37 tokens.
+  c.rl.max_new_tokens = 48  # A 3-digit chain and its answer take about 43, with EOS 44.
+  c.optimizer.learning_rate = 3e-5  # Policy AdamW peak rate.
+  c.optimizer.warmup_steps = 4  # In updates.
   c.rl.vocab_chunk = 8192  # Log-probs over 7 chunks of the 49,154-token vocabulary.
   c.rl.dynamic_sampling = True  # DAPO: refill groups whose rewards are all equal.
-  c.loop.checkpoint_every = 20
-  c.loop.eval_every = 50
+  c.loop.checkpoint_every = 10
+  c.loop.eval_every = 10  # Held-out evaluations at steps 10, 20 and 30 (the curve).
 
-  c.eval.num_examples = 200  # Held-out problems before and after RL (and after SFT).
+  # Held-out problems before RL (the warm start's own final evaluation, reused), every
+  # `eval_every` steps and after: greedy accuracy, and pass@k / maj@k from 8 samples.
+  c.eval.num_examples = 64
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 64
-  c.eval.num_samples = 4  # Samples per problem for pass@k and maj@k.
+  c.eval.num_samples = 8
   return c

@@ -33,6 +33,9 @@ def loop(num_steps: int, log_every: int = 50, eval_every: int = 0,
       "keep_checkpoints": keep_checkpoints,  # How many recent checkpoints to keep.
       "async_checkpointing": True,  # Save in the background while training goes on.
       "max_nonfinite_in_a_row": 10,  # Skipped (NaN / inf) iterations in a row that stop the run.
+      # Compile the stage's steps first and stop with a one-line error when XLA's memory
+      # estimate exceeds the device's (o3lite/training/memory.py).
+      "memory_check": True,
   })
 
 

@@ -3,6 +3,7 @@ step (step counts, evaluation and labelling sizes cut to the least that still ru
 part), so a config that cannot run fails here, not on a user's machine."""
 
 import importlib
+import json
 import os
 import shutil
 
@@ -13,8 +14,7 @@ from conftest import set_fields
 from o3lite import stages
 
 # Configs that start from a checkpoint this machine does not have: rl_qwen_gsm8k is built
-# and compiled at a tiny shape below; rl_smollm2 joins when its memory fits (the real
-# model issue).
+# and compiled at a tiny shape below; rl_smollm2 runs on the real SmolLM2 folder below.
 RUN_HERE = ("sft", "sft_addition", "sft_answer_only", "sft_multiplication", "sft_gsm8k",
             "rl", "grpo", "prm", "orm", "sft_filtered", "test_time")
 
@@ -90,3 +90,35 @@ def test_rl_qwen_gsm8k_builds_and_steps_at_a_tiny_shape(smollm2_dir, data_dir, t
   result = stages.run(config, str(tmp_path / "run"))
   assert result["stage"] == "rl" and result["step"] == 1
   assert {"before", "after"} <= set(result)
+
+
+def test_rl_smollm2_runs_in_half_this_machine(smollm2_dir, data_dir, tmp_path):
+  """configs/rl_smollm2.py as a user runs it (`python -m o3lite.train`, one device, the
+  real SmolLM2-135M-Instruct folder): its warm start's SFT batch, its RL minibatch, chat
+  prompts, vocabulary chunks and evaluation settings as shipped, one step of each stage
+  and 2 evaluation problems. The whole process stays within half of a 24 GiB machine
+  (12 GiB peak resident), with the memory check on: the config the issue first shipped
+  (SFT batch 32, whole-vocabulary log-probs) was killed at 24 GiB before its first step."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # One CPU device, as on a user's machine.
+  rl = importlib.import_module("configs.rl_smollm2").get_config().rl
+  flags = {"warm_start.init_from": smollm2_dir, "data.data_dir": data_dir,
+           "warm_start.loop.num_steps": 1, "loop.num_steps": 1, "eval.num_examples": 2,
+           "rl.prompts_per_step": rl.minibatch_size // rl.group_size}
+  log = tmp_path / "log.txt"
+  with open(log, "w") as f:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "o3lite.train", "--config=configs/rl_smollm2.py",
+         f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in flags.items()],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+        stdout=f, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(child.pid, 0)  # This child's own peak resident memory.
+  child.returncode = os.waitstatus_to_exitcode(status)
+  assert child.returncode == 0, log.read_text()[-3000:]
+  assert usage.ru_maxrss * 1024 <= 12 * 2**30, f"peak resident {usage.ru_maxrss / 2**20:.1f} GiB"
+  with open(tmp_path / "run" / "eval.json") as f:
+    result = json.load(f)
+  assert result["step"] == 1 and {"before", "after"} <= set(result)

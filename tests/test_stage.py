@@ -21,6 +21,7 @@ from o3lite import stages
 from o3lite.model import transformer as model_lib
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import losses
+from o3lite.training import memory
 from o3lite.training import sft
 from o3lite.training import stage as stage_lib
 from o3lite.training import state as state_lib
@@ -177,6 +178,36 @@ def test_init_from_that_is_not_a_policy_is_one_line_before_any_work(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"^init_from=.* is neither an o3lite"):
     stages.run(rl, str(tmp_path / "rl"))
   assert not os.path.exists(tmp_path / "rl")
+
+
+def test_steps_that_do_not_fit_the_device_are_one_line_before_any_work(tiny_run, tmp_path,
+                                                                      monkeypatch):
+  """The harness compiles a stage's steps at their shapes (`Plan.compile`) and holds
+  XLA's estimate against the device's memory (here made 1 MiB) before any state exists;
+  the error names the settings that shrink the step."""
+  monkeypatch.setattr(memory, "device_bytes", lambda mesh: 2**20)
+  config = set_fields(sft_config.get_config(), data_of(tiny_run))
+  with pytest.raises(errors.ConfigError, match=(
+      r"^the SFT train step needs about [0-9.]+ GiB per device \(XLA's estimate\), more "
+      r"than the 0.0 GiB a device has here: lower sft.batch_size, raise "
+      r"sft.grad_accum_steps, set sft.vocab_chunk \(e.g. 8192\) or model.remat=True "
+      r"\(or loop.memory_check=False to run anyway\)$")):
+    stages.run(config, str(tmp_path / "sft"))
+  assert os.listdir(tmp_path / "sft") == []  # Nothing saved.
+  rl = set_fields(rl_config.get_config(), {**data_of(tiny_run), "init_from": tiny_run})
+  with pytest.raises(errors.ConfigError, match=(
+      r"^the RL (update|scoring pass) needs about .* lower rl.minibatch_size, raise "
+      r"rl.grad_accum_steps, set rl.vocab_chunk")):
+    stages.run(rl, str(tmp_path / "rl"))
+  assert os.listdir(tmp_path / "rl") == []
+  # The estimates themselves: the SFT step of the tiny run holds at least its state.
+  monkeypatch.setattr(memory, "device_bytes", lambda mesh: 2**40)
+  _, ctx, plan = stage_lib.build(config, str(tmp_path / "b"))
+  compiled = plan.compile()
+  peaks = memory.check(compiled, 2**40, "")
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(plan.spec.abstract.params))
+  devices = ctx.mesh.devices.size
+  assert set(peaks) == {"SFT train step"} and peaks["SFT train step"] >= state_bytes / devices
 
 
 def test_a_run_folder_from_before_the_harness_evaluates_exports_and_starts_sft(tmp_path):

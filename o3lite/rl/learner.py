@@ -35,6 +35,20 @@ from o3lite.training import losses
 from o3lite.training import state as state_lib
 
 Batch = dict[str, jax.Array]
+# A rollout row's arrays (`batching.rollout_batch`), then what the scoring pass adds.
+ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
+SCORED_KEYS = ("old_logp", "ref_logp", "advantages")
+CRITIC_KEYS = ("returns", "old_values")
+
+
+def abstract_batch(rows: int, length: int, use_critic: bool, sharding
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one minibatch of `rows` learner rows of `length` tokens, for compiling
+  ahead of time (the memory check, bench/rl_memory.py)."""
+  keys = ROLLOUT_KEYS + SCORED_KEYS + (CRITIC_KEYS if use_critic else ())
+  floats = ("mask",) + SCORED_KEYS + CRITIC_KEYS
+  return {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k in floats else jnp.int32,
+                                  sharding=sharding) for k in keys}
 
 
 def state_spec(model_cfg: model_lib.ModelConfig, tx, use_critic: bool, mesh, rules

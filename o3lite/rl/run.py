@@ -41,6 +41,8 @@ from o3lite.training import stage as stage_lib
 from o3lite.training import step as step_lib
 
 WARM_START_DIR = "sft"
+MEMORY_SETTINGS = ("lower rl.minibatch_size, raise rl.grad_accum_steps, set rl.vocab_chunk "
+                   "(e.g. 8192) or model.remat=True")
 
 
 def algo_config(rl_cfg: ml_collections.ConfigDict) -> alg.RLAlgoConfig:
@@ -187,17 +189,35 @@ class RL(stage_lib.Stage):
     scorer = rewards_lib.RewardScorer(dict(rl_cfg.rewards), rewards_ctx,
                                       rl_cfg.reward_timeout_s,
                                       options=_options(rl_cfg.reward_options))
-    iterate = make_iterate(run, rl_cfg, spec, tx, stream, scorer, config.seed)
+    iterate, compile_steps = make_iterate(run, rl_cfg, spec, tx, stream, scorer,
+                                          config.seed)
     evaluate = sft_lib.policy_evaluation(ctx)
     return stage_lib.Plan(
         spec=spec, init=init, iterate=iterate, evaluate=evaluate,
-        evaluate_before=sft_lib.policy_evaluation(ctx, lambda s: s.frozen["reference"]),
-        close=scorer.close)
+        evaluate_before=_evaluate_before(ctx),
+        close=scorer.close, compile=compile_steps, memory_settings=MEMORY_SETTINGS)
+
+
+def _evaluate_before(ctx: stage_lib.Context) -> stage_lib.Evaluate:
+  """The evaluation of the starting policy (the frozen reference). When RL starts from
+  its own warm start, that run's final evaluation is the same one (the nested stage
+  shares `data` and `eval`, and its last parameters are the reference): it is reused,
+  samples in DIR/sft/eval_samples.jsonl, instead of sampled again."""
+  evaluate = sft_lib.policy_evaluation(ctx, lambda s: s.frozen["reference"])
+  warm = os.path.join(ctx.workdir, WARM_START_DIR)
+  if ctx.source is None or os.path.abspath(ctx.source.path) != os.path.abspath(warm):
+    return evaluate
+
+  def reuse(state, tag):
+    result = stage_lib.read_result(warm)
+    return (result["metrics"], None) if result else evaluate(state, tag)
+  return reuse
 
 
 def make_iterate(run: RLRun, rl_cfg, spec, tx, stream: rollouts.PromptStream,
                  scorer: rewards_lib.RewardScorer, seed: int):
-  """One RL step as the loop's `iterate`: sample, score, learner batch, updates."""
+  """(One RL step as the loop's `iterate`: sample, score, learner batch, updates;
+  its learner's steps compiled at their shapes, for the memory check)."""
   tok, algo = run.tokenizer, run.algo
   seq_len = rl_cfg.max_prompt_len + rl_cfg.max_new_tokens + 1
   batch_sharding = sharding_lib.batch_sharding(run.mesh, run.rules)
@@ -221,10 +241,11 @@ def make_iterate(run: RLRun, rl_cfg, spec, tx, stream: rollouts.PromptStream,
         policy, run.rollout, run.sampling, stream, position,
         jax.random.fold_in(state.rng, step), scorer, run.step_reward)
     t_sample = time.time() - t0
+    t1 = time.time()
     batch, view = rollouts.learner_batch(groups, state, score_fn, algo, seq_len,
                                          rl_cfg.minibatch_size, tok, batch_sharding,
                                          process)
-    t1 = time.time()
+    t_score = time.time() - t1
     rows = len(batch["mask"])
     order_rng = np.random.default_rng([seed, step])
     updates: list[dict] = []
@@ -240,14 +261,23 @@ def make_iterate(run: RLRun, rl_cfg, spec, tx, stream: rollouts.PromptStream,
     t_learn = time.time() - t1
     metrics = step_metrics(updates, batch, view, algo)
     metrics.update({
+        # Learning = the scoring pass (log-probs, reference, values) + the updates.
         "time_sampling_s": t_sample, "time_learning_s": t_learn,
+        "time_scoring_s": t_score,
         "sampling_fraction": t_sample / max(t_sample + t_learn, 1e-9),
         "tokens_per_second": float(batch["segment_ids"].sum()) / max(
             time.time() - t0, 1e-9),
         **{k: float(v) for k, v in stats.items()},
     })
     return state, position, metrics
-  return iterate
+
+  def compile_steps():
+    rows = learner.abstract_batch(rl_cfg.minibatch_size, seq_len - 1, algo.uses_critic,
+                                  batch_sharding)
+    rollout = {k: rows[k] for k in learner.ROLLOUT_KEYS}
+    return {"RL update": update.compile(spec.abstract, rows),
+            "RL scoring pass": score_fn.compile(spec.abstract, rollout)}
+  return iterate, compile_steps
 
 
 def step_metrics(updates: list[dict], batch: dict, view: dict,

@@ -126,6 +126,10 @@ def timed_tokens():
   return add, rate
 
 
+MEMORY_SETTINGS = ("lower sft.batch_size, raise sft.grad_accum_steps, set sft.vocab_chunk "
+                   "(e.g. 8192) or model.remat=True")
+
+
 class SFT(stage_lib.Stage):
   """Cross-entropy on the completion tokens of packed (prompt, chain, answer) rows."""
 
@@ -194,11 +198,18 @@ class SFT(stage_lib.Stage):
       return {"tokens_per_second": tokens_per_second(),
               "learning_rate": float(schedule(done - 1))}
 
+    def compile_steps():
+      first, _ = batcher.get_batch(0)
+      return {"SFT train step": step_fn.compile(spec.abstract, {
+          k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+          for k, v in first.items()})}
+
     return stage_lib.Plan(spec=spec, init=init, iterate=iterate,
                           evaluate=policy_evaluation(ctx),
                           host_metrics=host_metrics,
                           extra=lambda state: {"train_examples": batcher.num_examples,
-                                               "dropped_too_long": batcher.num_dropped})
+                                               "dropped_too_long": batcher.num_dropped},
+                          compile=compile_steps, memory_settings=MEMORY_SETTINGS)
 
 
 stage_lib.register(SFT())

@@ -18,7 +18,9 @@ is a small object registered by its `config.method`, that says only what is its 
 `run(config, workdir)` does everything else, once, for every stage:
 
   1. the config: a field renamed since (`errors.RENAMED`), the `loop` section, the
-     mesh and the stage's own checks, each a one-line ConfigError before any work;
+     mesh and the stage's own checks, each a one-line ConfigError before any work; after
+     the stage's setup, its steps compiled at their shapes and their memory held
+     against the device's (`memory`; a ConfigError naming the settings that shrink it);
   2. the run folder: made, and refused when it holds another method's run;
   3. the policy source: the stage's `source` (`init_from`, or a nested stage's folder),
      resolved once with its tokenizer and model config (`policy_source`);
@@ -57,6 +59,7 @@ from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.training import checkpoint as checkpoint_lib
 from o3lite.training import loop as loop_lib
+from o3lite.training import memory
 from o3lite.training import metric_writer
 from o3lite.training import policy_source
 from o3lite.training import run_folder
@@ -109,6 +112,10 @@ class Plan:
   host_metrics: Callable[[int], dict] | None = None  # Extra figures on logged lines.
   close: Callable[[], None] | None = None  # Releases what setup opened (threads, pools).
   extra: Callable[[Any], dict] | None = None  # More fields of eval.json, from the state.
+  # Its steps compiled for abstract arguments, {name: executable}, and the settings that
+  # shrink them: the memory check before any work (`memory`, `loop.memory_check`).
+  compile: Callable[[], dict[str, Any]] | None = None
+  memory_settings: str = ""
 
 
 class Stage:
@@ -300,6 +307,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: Stage | None = N
     return result
   ctx = context(config, workdir, stage.source(config, workdir))
   plan = stage.setup(ctx)
+  if plan.compile is not None and config.loop.get("memory_check", True):
+    limit = memory.device_bytes(ctx.mesh)
+    peaks = memory.check(plan.compile(), limit, plan.memory_settings)
+    if ctx.is_main:
+      print("memory per device (XLA's estimate): " + ", ".join(
+          f"{name} {peak / memory.GIB:.1f} GiB" for name, peak in peaks.items())
+            + ("" if limit is None else f" of {limit / memory.GIB:.1f} GiB"), flush=True)
   run_folder.check_rerun(workdir, config, ctx.model_cfg,
                          ("model", "data", "init_from") + stage.fixed)
   run_folder.save(workdir, config, ctx.model_cfg, ctx.tokenizer)

@@ -108,6 +108,7 @@ def jit_train_step(step_fn, state_shardings, batch_sharding, mesh, rules):
       return jitted(state, batch)
 
   call.jitted = jitted  # For `.lower(...)`: memory analysis, cost analysis.
+  call.compile = _compile_for(jitted, mesh, rules)
   return call
 
 
@@ -121,4 +122,14 @@ def jit_eval_fn(fn, state_shardings, batch_sharding, mesh, rules):
       return jitted(state, batch)
 
   call.jitted = jitted
+  call.compile = _compile_for(jitted, mesh, rules)
   return call
+
+
+def _compile_for(jitted, mesh, rules):
+  """`compile(state, batch)`: the executable for abstract (ShapeDtypeStruct) arguments,
+  traced as a call is; a later call with arrays of those shapes reuses it."""
+  def compile_for(state, batch):
+    with sharding_lib.activation_sharding(mesh, rules):
+      return jitted.lower(state, batch).compile()
+  return compile_for
