@@ -2,7 +2,7 @@ r"""One GRPO step on SmolLM2-135M-Instruct: o3lite's RL step vs TRL's `GRPOTrain
 
   pip install -e ".[bench]"               # TRL and its dependencies: the baseline only
   python -m o3lite.interop.gguf_folder    # once: ~/.cache/o3lite/smollm2-135m-instruct
-  python -m bench.trl_grpo                # 4 prompts x 8 completions, 64 new tokens, 3 steps
+  python -m bench.trl_grpo                # configs/rl_smollm2.py's step sizes, 3 timed steps
   python -m bench.trl_grpo --prompts_per_step=1 --group_size=2 --max_new_tokens=8 \
       --minibatch_size=2 --steps=1        # smoke run
   # --side=both|o3lite|trl  --model_dir=DIR  --torch_threads=N
@@ -39,7 +39,7 @@ and no reference model in the loss, then one pass of minibatch updates of
 The learner work differs where o3lite does more: its scoring pass always computes the
 policy's and the frozen reference's log-probs of the fresh samples (TRL computes old
 log-probs only when `steps_per_generation` > 1, and no reference ones with `beta` 0);
-its rows have one fixed length, `rl.max_prompt_len` (48) + new tokens + 1, with
+its rows have one fixed length, `rl.max_prompt_len` (40) + new tokens + 1, with
 log-probs at every position, where TRL's rows are the longest prompt (37) + the longest
 completion of the batch with logits at completion positions only; and its vocabulary
 has the two think rows (49,154 rows against 49,152).
@@ -81,12 +81,16 @@ from o3lite.rl import run as rl_run
 from o3lite.training import policy_source
 from o3lite.training import stage as stage_lib
 
-_PROMPTS_PER_STEP = flags.DEFINE_integer("prompts_per_step", 4, "Prompts per step.")
-_GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Completions per prompt.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64,
-                                       "Most new tokens per completion (EOS included).")
+_PROMPTS_PER_STEP = flags.DEFINE_integer("prompts_per_step", None,
+                                         "Prompts per step (default: the config's).")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", None,
+                                   "Completions per prompt (default: the config's).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", None, "Most new tokens per completion, EOS included (default: the "
+    "config's).")
 _MINIBATCH_SIZE = flags.DEFINE_integer(
-    "minibatch_size", 32, "Completions per update (divides prompts x group).")
+    "minibatch_size", None, "Completions per update, dividing prompts x group (default: "
+    "the config's).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per side, after one warm-up step.")
 _SIDE = flags.DEFINE_enum("side", "both", ["both", "o3lite", "trl"], "Which sides to run.")
 _MODEL_DIR = flags.DEFINE_string(
@@ -412,8 +416,12 @@ def parts_table(sides: dict[str, dict]) -> str:
 def main(argv):
   del argv
   common.setup_host_memory()
-  sizes = Sizes(_PROMPTS_PER_STEP.value, _GROUP_SIZE.value, _MAX_NEW_TOKENS.value,
-                _MINIBATCH_SIZE.value)
+  shipped = rl_smollm2.get_config().rl
+  pick = lambda flag, default: default if flag.value is None else flag.value
+  sizes = Sizes(pick(_PROMPTS_PER_STEP, shipped.prompts_per_step),
+                pick(_GROUP_SIZE, shipped.group_size),
+                pick(_MAX_NEW_TOKENS, shipped.max_new_tokens),
+                pick(_MINIBATCH_SIZE, shipped.minibatch_size))
   if sizes.group < 2 or sizes.rows % sizes.minibatch or _STEPS.value < 1:
     raise app.UsageError("need --group_size >= 2, --steps >= 1 and --minibatch_size "
                          "dividing prompts x group")

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import set_fields
 from o3lite import stages
+from o3lite.evaluation import heldout
+from o3lite.training import stage as stage_lib
 
 # Configs that start from a checkpoint this machine does not have: rl_qwen_gsm8k is built
 # and compiled at a tiny shape below; rl_smollm2 runs on the real SmolLM2 folder below.
@@ -43,13 +45,26 @@ def tiny_steps(config: ml_collections.ConfigDict, data_dir: str) -> ml_collectio
 
 
 @pytest.mark.parametrize("name", RUN_HERE)
-def test_shipped_config_runs(name, data_dir, tmp_path):
+def test_shipped_config_runs(name, data_dir, tmp_path, monkeypatch):
   config = tiny_steps(importlib.import_module(f"configs.{name}").get_config(), data_dir)
   if name == "test_time":
     config.num_problems = 2
     for entry in config.strategies.values():
       entry.budgets = entry.budgets[:1]
+  evaluations = []
+  evaluate = heldout.evaluate
+  monkeypatch.setattr(heldout, "evaluate",
+                      lambda *a, **k: evaluations.append(1) or evaluate(*a, **k))
   result = stages.run(config, str(tmp_path / name))
+  if config.method == "rl" and not config.init_from:
+    # RL's "before" is its warm start's final evaluation (same data, eval settings and
+    # parameters), reused with its samples: two evaluations in all, not three.
+    assert len(evaluations) == 2
+    warm = os.path.join(tmp_path, name, "sft")
+    assert result["before"] == stage_lib.read_result(warm)["metrics"]
+    with open(os.path.join(warm, "eval_samples.jsonl")) as a, \
+        open(os.path.join(tmp_path, name, "eval_before_samples.jsonl")) as b:
+      assert a.read() == b.read()
   assert result["stage"] == config.method
   if config.method == "test_time":
     assert len(result["metrics"]["accuracy"]) == len(config.strategies)

@@ -16,6 +16,7 @@ scoring and the learner's arrays are `rollouts.py`'s.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -202,7 +203,7 @@ def _evaluate_before(ctx: stage_lib.Context) -> stage_lib.Evaluate:
   """The evaluation of the starting policy (the frozen reference). When RL starts from
   its own warm start, that run's final evaluation is the same one (the nested stage
   shares `data` and `eval`, and its last parameters are the reference): it is reused,
-  samples in DIR/sft/eval_samples.jsonl, instead of sampled again."""
+  with its samples (DIR/sft/eval_samples.jsonl), instead of sampled again."""
   evaluate = sft_lib.policy_evaluation(ctx, lambda s: s.frozen["reference"])
   warm = os.path.join(ctx.workdir, WARM_START_DIR)
   if ctx.source is None or os.path.abspath(ctx.source.path) != os.path.abspath(warm):
@@ -210,7 +211,13 @@ def _evaluate_before(ctx: stage_lib.Context) -> stage_lib.Evaluate:
 
   def reuse(state, tag):
     result = stage_lib.read_result(warm)
-    return (result["metrics"], None) if result else evaluate(state, tag)
+    if result is None:
+      return evaluate(state, tag)
+    samples = os.path.join(warm, stage_lib.RESULT_FILE.removesuffix(".json") + "_samples.jsonl")
+    if not os.path.exists(samples):
+      return result["metrics"], None
+    with open(samples) as f:
+      return result["metrics"], [json.loads(line) for line in f]
   return reuse
 
 
