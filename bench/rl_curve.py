@@ -3,7 +3,8 @@ r"""Held-out pass@1 (and greedy accuracy, pass@k) over the steps of an RL run, a
   python -m bench.rl_curve --workdir=DIR [--out=DIR/rl_curve.png]
 
 Reads the run folder only: DIR/eval_before.json (step 0, the policy RL started from),
-the periodic and final held-out evaluations in DIR/metrics.jsonl (`loop.eval_every`),
+the periodic held-out evaluations in DIR/metrics.jsonl (`loop.eval_every`), the final
+one in DIR/eval.json,
 and each step's rollout accuracy (the mean correctness of the step's sampled completions
 at the rollout temperature: pass@1 on that step's training prompts). Writes the PNG and
 prints the held-out figures as a Markdown table.
@@ -36,6 +37,12 @@ def read_curves(workdir: str) -> tuple[dict[int, dict], list[tuple[int, float]]]
         held_out[record["step"]] = evals
       elif "accuracy" in record:
         rollouts.append((record["step"], record["accuracy"]))
+  # The final evaluation is eval.json's "after", at the last RL step (runs before this
+  # fix logged it at the optimizer-update count instead).
+  last = max((step for step, _ in rollouts), default=0)
+  held_out = {step: m for step, m in held_out.items() if step <= last}
+  with open(os.path.join(workdir, "eval.json")) as f:
+    held_out[last] = json.load(f)["after"]
   return held_out, rollouts
 
 

@@ -365,7 +365,9 @@ def _fit_and_evaluate(stage: Stage, ctx: Context, plan: Plan) -> dict:
     result.update(plan.extra(state))
   if ctx.is_main:  # eval.json and eval_samples.jsonl.
     heldout.write_eval(workdir, result, samples, RESULT_FILE.removesuffix(".json"))
-  writer.write(step, scalars(after), prefix="eval/")
+  # At the loop's last iteration, as the periodic evaluations (`step` counts optimizer
+  # updates: RL makes several per iteration).
+  writer.write(loop_cfg.num_steps, scalars(after), prefix="eval/")
   writer.close()
   if ctx.is_main:
     print(f"{stage.name}: {'' if before is None else stage.summary(before) + ' before, '}"
