@@ -41,7 +41,7 @@ _ACCUM = flags.DEFINE_list("grad_accum_steps", None, "rl.grad_accum_steps values
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the config's "
                             "max_prompt_len + max_new_tokens).")
 
-GIB = 1024 ** 3
+GIB = memory.GIB
 
 
 def _analysis(compiled) -> dict[str, float]:

@@ -154,6 +154,15 @@ def write_eval(workdir: str, metrics: dict[str, Any], samples: Sequence[dict] | 
   return path
 
 
+def read_samples(workdir: str, name: str = "eval") -> list[dict] | None:
+  """The records `write_eval` wrote to `DIR/{name}_samples.jsonl`; None if there are none."""
+  path = os.path.join(workdir, f"{name}_samples.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def format_table(metrics: dict[str, Any]) -> str:
   rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
   width = max(len(k) for k, _ in rows)

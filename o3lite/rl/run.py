@@ -16,7 +16,6 @@ scoring and the learner's arrays are `rollouts.py`'s.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -27,6 +26,7 @@ import numpy as np
 
 from o3lite import errors
 from o3lite.data import sources
+from o3lite.evaluation import heldout
 from o3lite.model import transformer as model_lib
 from o3lite.parallel import mesh as sharding_lib
 from o3lite.rl import algorithms as alg
@@ -213,11 +213,8 @@ def _evaluate_before(ctx: stage_lib.Context) -> stage_lib.Evaluate:
     result = stage_lib.read_result(warm)
     if result is None:
       return evaluate(state, tag)
-    samples = os.path.join(warm, stage_lib.RESULT_FILE.removesuffix(".json") + "_samples.jsonl")
-    if not os.path.exists(samples):
-      return result["metrics"], None
-    with open(samples) as f:
-      return result["metrics"], [json.loads(line) for line in f]
+    return result["metrics"], heldout.read_samples(
+        warm, stage_lib.RESULT_FILE.removesuffix(".json"))
   return reuse
 
 
@@ -247,8 +244,8 @@ def make_iterate(run: RLRun, rl_cfg, spec, tx, stream: rollouts.PromptStream,
     groups, position, stats = rollouts.sample_groups(
         policy, run.rollout, run.sampling, stream, position,
         jax.random.fold_in(state.rng, step), scorer, run.step_reward)
-    t_sample = time.time() - t0
     t1 = time.time()
+    t_sample = t1 - t0
     batch, view = rollouts.learner_batch(groups, state, score_fn, algo, seq_len,
                                          rl_cfg.minibatch_size, tok, batch_sharding,
                                          process)

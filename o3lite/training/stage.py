@@ -19,8 +19,9 @@ is a small object registered by its `config.method`, that says only what is its 
 
   1. the config: a field renamed since (`errors.RENAMED`), the `loop` section, the
      mesh and the stage's own checks, each a one-line ConfigError before any work; after
-     the stage's setup, its steps compiled at their shapes and their memory held
-     against the device's (`memory`; a ConfigError naming the settings that shrink it);
+     the stage's setup and the rerun check (4), its steps compiled at their shapes and
+     their memory held against the device's (`memory`; a ConfigError naming the
+     settings that shrink it), before anything is saved;
   2. the run folder: made, and refused when it holds another method's run;
   3. the policy source: the stage's `source` (`init_from`, or a nested stage's folder),
      resolved once with its tokenizer and model config (`policy_source`);
@@ -307,6 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: Stage | None = N
     return result
   ctx = context(config, workdir, stage.source(config, workdir))
   plan = stage.setup(ctx)
+  run_folder.check_rerun(workdir, config, ctx.model_cfg,
+                         ("model", "data", "init_from") + stage.fixed)
   if plan.compile is not None and config.loop.get("memory_check", True):
     limit = memory.device_bytes(ctx.mesh)
     peaks = memory.check(plan.compile(), limit, plan.memory_settings)
@@ -314,8 +317,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: Stage | None = N
       print("memory per device (XLA's estimate): " + ", ".join(
           f"{name} {peak / memory.GIB:.1f} GiB" for name, peak in peaks.items())
             + ("" if limit is None else f" of {limit / memory.GIB:.1f} GiB"), flush=True)
-  run_folder.check_rerun(workdir, config, ctx.model_cfg,
-                         ("model", "data", "init_from") + stage.fixed)
   run_folder.save(workdir, config, ctx.model_cfg, ctx.tokenizer)
   try:
     return _fit_and_evaluate(stage, ctx, plan)
